@@ -1,0 +1,93 @@
+"""The record every data source returns: one subject's multi-modal volume, labels and metadata.
+
+Axis convention: volumes are ``(D, H, W, C)`` with axis 0 the axial (slice) axis, matching the
+channels-last layout of jaxmed models. NIfTI data (RAS+ after canonical reorientation, stored
+``(x, y, z)``) is transposed to ``(z, y, x)`` on reading, so ``image[k]`` is the k-th axial slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# BraTS (2018) label values: 1 necrotic / non-enhancing core, 2 edema, 4 enhancing tumour.
+BRATS_LABELS = {"necrotic_core": 1, "edema": 2, "enhancing": 4}
+# Evaluation regions of the BraTS challenge, in channel order of `brats_regions`.
+BRATS_REGIONS = ("WT", "TC", "ET")
+WMH_REGIONS = ("WMH",)
+
+
+@dataclasses.dataclass
+class Subject:
+  """One subject.
+
+  Attributes:
+    subject_id: a unique name, e.g. ``"phantom-0003"`` or the BraTS case folder name.
+    image: ``(D, H, W, C)`` float32, one channel per modality.
+    label: ``(D, H, W)`` uint8 label map (BraTS values 0/1/2/4, WMH values 0/1) or None.
+    modalities: channel names, e.g. ``("t1", "t1ce", "t2", "flair")``.
+    spacing: voxel size in mm along (D, H, W).
+    brain_mask: ``(D, H, W)`` bool foreground (brain) mask.
+    grade: binary label for classification tasks (1 = high grade); 0 when unknown.
+    pathology: ``"tumour"``, ``"wmh"`` or ``"none"``; selects the label -> region mapping.
+  """
+
+  subject_id: str
+  image: np.ndarray
+  label: np.ndarray | None
+  modalities: tuple[str, ...]
+  spacing: tuple[float, float, float]
+  brain_mask: np.ndarray
+  grade: int = 0
+  pathology: str = "tumour"
+
+  def __post_init__(self):
+    if self.image.ndim != 4:
+      raise ValueError(f"Subject.image must be (D, H, W, C); got shape {self.image.shape}")
+    if self.image.shape[-1] != len(self.modalities):
+      raise ValueError(
+          f"Subject.image has {self.image.shape[-1]} channels but modalities={self.modalities}")
+    for name in ("label", "brain_mask"):
+      value = getattr(self, name)
+      if value is not None and value.shape != self.image.shape[:3]:
+        raise ValueError(
+            f"Subject.{name} shape {value.shape} != image spatial shape {self.image.shape[:3]}")
+
+  @property
+  def regions(self) -> np.ndarray:
+    """``(D, H, W, R)`` bool evaluation regions (WT/TC/ET for tumours, WMH for WMH)."""
+    if self.label is None:
+      raise ValueError(f"subject {self.subject_id} has no label")
+    return label_regions(self.label, self.pathology)
+
+
+def brats_regions(label):
+  """BraTS label map ``(...)`` -> ``(..., 3)`` bool regions WT (1|2|4), TC (1|4), ET (4).
+
+  Works on numpy and jax arrays alike.
+  """
+  wt = label > 0
+  tc = (label == 1) | (label == 4)
+  et = label == 4
+  stack = np.stack if isinstance(label, np.ndarray) else _jnp().stack
+  return stack([wt, tc, et], axis=-1)
+
+
+def label_regions(label, pathology: str):
+  """Label map -> region channels for ``pathology`` ("tumour" -> WT/TC/ET, "wmh" -> WMH)."""
+  if pathology == "tumour":
+    return brats_regions(label)
+  if pathology == "wmh":
+    return (label > 0)[..., None]
+  raise ValueError(f"pathology must be 'tumour' or 'wmh' to define regions; got {pathology!r}")
+
+
+def region_names(pathology: str) -> tuple[str, ...]:
+  """Names of the channels returned by `label_regions`."""
+  return {"tumour": BRATS_REGIONS, "wmh": WMH_REGIONS}[pathology]
+
+
+def _jnp():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp

@@ -1,0 +1,37 @@
+"""Segmentation losses: soft Dice and (binary / softmax) cross-entropy, float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr = smooth_dr
+
+
+def soft_dice_loss(probs, target, *, smooth=_SMOOTH, batch_dice=False):
+  """``1 - (2 tp + s) / (2 tp + fp + fn + s)`` per item and channel, averaged (MONAI DiceLoss).
+
+  Args:
+    probs: ``(N, *spatial, C)`` probabilities.
+    target: ``(N, *spatial, C)`` {0, 1} targets.
+    batch_dice: pool the batch before the ratio (nnU-Net's batch Dice) instead of per item.
+  """
+  probs = probs.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  axes = tuple(range(0 if batch_dice else 1, probs.ndim - 1))
+  tp = jnp.sum(probs * target, axis=axes)
+  denom = jnp.sum(probs, axis=axes) + jnp.sum(target, axis=axes)
+  return jnp.mean(1.0 - (2.0 * tp + smooth) / (denom + smooth))
+
+
+def sigmoid_dice_ce_loss(logits, target, *, dice_weight=1.0, ce_weight=1.0):
+  """Region-based loss for overlapping regions (BraTS WT/TC/ET): soft Dice + binary CE.
+
+  Args:
+    logits: ``(N, *spatial, R)``; target: ``(N, *spatial, R)`` bool or {0, 1}.
+  """
+  logits = logits.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
+  return dice_weight * soft_dice_loss(jax.nn.sigmoid(logits), target) + ce_weight * ce

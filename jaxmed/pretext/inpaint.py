@@ -1,0 +1,56 @@
+"""Grid in-painting (source_identification Sec. 4.1, Eq. 8)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def grid_cell_mask(key, shape, *, grid, keep_prob):
+  """Bernoulli keep-mask of grid cells, upsampled to pixels.
+
+  Eq. 8 of source_identification: a cell ``g(I)`` is kept when ``B(gamma) = 1`` (probability
+  ``keep_prob = gamma``) and zeroed otherwise, so a fraction ``1 - gamma`` of cells is masked.
+  (The paper's following sentence says the image "retains 1 - gamma"; Eq. 8 is what we follow.)
+
+  Args:
+    key: PRNG key.
+    shape: spatial batch shape ``(N, *spatial)``.
+    grid: cell size in pixels, an int or one per spatial axis; the last cell of an axis may be
+      partial when the size is not divisible.
+    keep_prob: gamma, the probability that a cell is kept.
+
+  Returns:
+    ``(N, *spatial)`` bool, True where the pixel is kept.
+  """
+  n, *spatial = shape
+  grid = (grid,) * len(spatial) if isinstance(grid, int) else tuple(grid)
+  if len(grid) != len(spatial) or any(g < 1 for g in grid):
+    raise ValueError(f"grid must be a positive int or one per spatial axis {tuple(spatial)}; "
+                     f"got {grid}")
+  if not 0.0 <= keep_prob <= 1.0:
+    raise ValueError(f"keep_prob must be in [0, 1]; got {keep_prob}")
+  cells = tuple(-(-s // g) for s, g in zip(spatial, grid))
+  keep = jax.random.bernoulli(key, keep_prob, (n, *cells))
+  for axis, g in enumerate(grid):
+    keep = jnp.repeat(keep, g, axis=axis + 1)
+  return keep[(slice(None), *(slice(0, s) for s in spatial))]
+
+
+def grid_inpaint(key, images, *, grid=8, keep_prob=0.75, fill=0.0):
+  """Zero (``fill``) randomly chosen grid cells of each image, the same cells in every channel.
+
+  Args:
+    key: PRNG key.
+    images: ``(N, *spatial, C)`` float.
+    grid, keep_prob: see `grid_cell_mask`.
+    fill: value written into masked cells (0 as in Eq. 8).
+
+  Returns:
+    ``(corrupted, keep)``: corrupted ``(N, *spatial, C)`` and the bool keep-mask ``(N, *spatial)``.
+  """
+  if images.ndim < 3:
+    raise ValueError(f"images must be (N, *spatial, C); got shape {images.shape}")
+  keep = grid_cell_mask(key, images.shape[:-1], grid=grid, keep_prob=keep_prob)
+  corrupted = jnp.where(keep[..., None], images, jnp.asarray(fill, images.dtype))
+  return corrupted, keep

@@ -1,0 +1,223 @@
+"""The generic trainer: one jitted, sharded train step and a flat loop (big_vision style).
+
+    state = train(config, workdir)            # method, data, optimizer, mesh all from config
+
+The step: per-step key ``fold_in(rng, step)`` -> on-device augmentation -> method loss and
+gradients (optionally accumulated over micro-batches) -> optimizer update, skipped (and counted)
+when the loss or gradient norm is not finite. The loop: restore the latest checkpoint (state +
+data iterator) if any, log every ``log_every`` steps to ``metrics.jsonl`` / TensorBoard / the
+console, run evaluation hooks every ``eval_every`` steps, checkpoint every ``checkpoint.every``
+steps and on SIGTERM, abort after ``max_nonfinite`` skipped steps in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxmed import methods as methods_lib
+from jaxmed.data import datasets, pipeline
+from jaxmed.data.transforms import Augment
+from jaxmed.train import checkpoint as ckpt_lib
+from jaxmed.train import logging as log_lib
+from jaxmed.train import optim, sharding
+from jaxmed.train.state import TrainState
+
+EvalHook = Callable[[int, TrainState], Mapping[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when ``max_nonfinite`` consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  method: methods_lib.Method
+  last_metrics: dict
+  preempted: bool = False
+
+
+def make_augment(cfg) -> Augment | None:
+  """`Augment` from ``config.data.augment`` (None when absent or ``enabled=False``)."""
+  if not cfg or not cfg.get("enabled", True):
+    return None
+  return Augment.from_config({k: v for k, v in cfg.items() if k != "enabled"})
+
+
+def make_train_step(method, tx, schedule, *, augment: Augment | None, accum_steps: int = 1):
+  """``step(state, batch) -> (state, metrics)``, pure; jit it with shardings."""
+
+  def loss_and_grad(params, model_state, batch, key):
+    def loss_fn(p):
+      loss, metrics, new_state = method.loss({"params": p, **model_state}, batch, key, train=True)
+      return loss.astype(jnp.float32), (metrics, new_state)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    aug_key, loss_key = jax.random.split(key)
+    if augment is not None:
+      image, label = augment.batch(aug_key, batch["image"], batch.get("label"))
+      batch = {**batch, "image": image, **({"label": label} if label is not None else {})}
+    if accum_steps == 1:
+      (loss, (metrics, model_state)), grads = loss_and_grad(
+          state.params, state.model_state, batch, loss_key)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+      def body(carry, inputs):
+        grads_sum, loss_sum, metrics_sum, model_state = carry
+        i, mb = inputs
+        (loss, (metrics, model_state)), grads = loss_and_grad(
+            state.params, model_state, mb, jax.random.fold_in(loss_key, i))
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+                jax.tree.map(jnp.add, metrics_sum, metrics), model_state), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      first = jax.tree.map(lambda x: x[0], micro)
+      metrics_shape = jax.eval_shape(
+          lambda: loss_and_grad(state.params, state.model_state, first, loss_key))[0][1][0]
+      metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+      (grads, loss, metrics, model_state), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), metrics0, state.model_state),
+          (jnp.arange(accum_steps), micro))
+      grads = jax.tree.map(lambda g: g / accum_steps, grads)
+      loss = loss / accum_steps
+      metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        model_state=keep(model_state, state.model_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+           "nonfinite_streak": new_state.nonfinite_streak,
+           "nonfinite_total": new_state.nonfinite_total, **metrics}
+    return new_state, out
+
+  return step
+
+
+def train(config, workdir: str, *, method: methods_lib.Method | None = None,
+          train_arrays: Mapping[str, np.ndarray] | None = None,
+          init_variables: Callable[[dict], dict] | None = None,
+          hooks: Sequence[EvalHook] = (), progress: bool = True) -> TrainResult:
+  """Trains ``config.method`` on ``config.data`` (or ``train_arrays``) into ``workdir``.
+
+  Args:
+    config: the experiment `ml_collections.ConfigDict`.
+    workdir: output folder (checkpoints/, metrics.jsonl, tensorboard/).
+    method: a prebuilt method (default: from ``config.method``).
+    train_arrays: training examples as a dict of arrays (default: slices of the configured
+      data's train split).
+    init_variables: maps freshly initialised variables to the starting ones (transfer learning);
+      ignored when resuming from a checkpoint.
+    hooks: evaluation hooks ``(step, state) -> metrics``, run every ``config.eval_every`` steps
+      and at the end; their metrics are logged with that step.
+    progress: show a console progress bar.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  method = method or methods_lib.get_method(config)
+  if train_arrays is None:
+    subjects = datasets.load_splits(config.data)["train"]
+    train_arrays = datasets.slice_arrays(subjects,
+                                         min_foreground=float(config.data.min_foreground))
+  total_steps = int(config.total_steps)
+  batch_size = int(config.batch_size)
+  accum = int(config.optim.get("accum_steps", 1))
+  mesh = sharding.make_mesh(config.get("mesh"))
+  if batch_size % (accum * mesh.size):
+    raise ValueError(f"batch_size={batch_size} must be divisible by optim.accum_steps={accum} x "
+                     f"{mesh.size} devices")
+
+  data_iter = pipeline.train_iterator(train_arrays, global_batch_size=batch_size,
+                                      seed=int(config.seed))
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  augment = make_augment(config.data.get("augment"))
+
+  # Initialise directly into the target shardings.
+  example = {k: np.zeros((batch_size, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()}
+  rng = jax.random.PRNGKey(int(config.seed))
+
+  def init_fn(rng):
+    init_key, step_key = jax.random.split(rng)
+    return TrainState.create(variables=method.init(init_key, example), tx=tx, rng=step_key)
+
+  abstract = jax.eval_shape(init_fn, rng)
+  state_sh = sharding.state_shardings(abstract, mesh)
+  state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=int(config.checkpoint.get("keep", 3)),
+                                       async_save=bool(config.checkpoint.get("async_save", True)))
+  if checkpointer.latest_step is not None:
+    state = checkpointer.restore(state, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  elif init_variables is not None:
+    variables = init_variables(jax.device_get(state.variables))
+    params = variables.pop("params")
+    state = jax.device_put(state.replace(params=params, model_state=variables,
+                                         opt_state=tx.init(params)), state_sh)
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(method, tx, schedule, augment=augment, accum_steps=accum),
+                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                    donate_argnums=(0,))
+  start = int(state.step)
+  writer = log_lib.MetricWriter(workdir, resume_step=start,
+                                tensorboard=bool(config.get("tensorboard", True)))
+  bar = log_lib.Progress(total_steps, start, desc=config.method, enabled=progress)
+  log_every, eval_every = int(config.log_every), int(config.get("eval_every", 0))
+  ckpt_every = int(config.checkpoint.get("every", 0))
+  max_nonfinite = int(config.get("max_nonfinite", 10))
+  last, preempted = {}, False
+  try:
+    with ckpt_lib.PreemptionFlag() as flag:
+      for step in range(start + 1, total_steps + 1):
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        final = step == total_steps
+        do_eval = bool(hooks) and (final or (eval_every and step % eval_every == 0))
+        if final or step % log_every == 0 or do_eval:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          last["steps_per_sec"] = bar.steps_per_sec(step)
+          last["images_per_sec"] = last["steps_per_sec"] * batch_size
+          if do_eval:
+            for hook in hooks:
+              last.update(hook(step, state))
+          writer.write(step, last)
+          bar.update(step, last["loss"])
+          # Checked at log steps only (no per-step host sync); skipped steps leave the
+          # state unchanged, so detecting a streak late is harmless.
+          if last["nonfinite_streak"] >= max_nonfinite:
+            raise NonFiniteLossError(
+                f"{int(last['nonfinite_streak'])} consecutive steps up to step {step} had a "
+                f"non-finite loss or gradient (max_nonfinite={max_nonfinite})")
+        if flag.should_stop(step):
+          checkpointer.save(step, state, data_iter, force=True)
+          checkpointer.wait()
+          preempted = True
+          logging.warning("stopped at step %d on request; checkpoint saved", step)
+          break
+        if final or (ckpt_every and step % ckpt_every == 0):
+          checkpointer.save(step, state, data_iter, force=final)
+  finally:
+    checkpointer.close()
+    writer.close()
+    bar.close()
+  return TrainResult(state=state, method=method, last_metrics=last, preempted=preempted)
