@@ -131,6 +131,8 @@ def _passthrough_flags(argv: list[str]) -> list[str]:
 
 def _main(argv):
   command = argv[0]
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   if command == "demo":
     from jaxmed import demo  # pylint: disable=g-import-not-at-top
     demo.run_demo(_WORKDIR.value or "jaxmed_demo", quick=_QUICK.value, progress=_PROGRESS.value)

@@ -33,14 +33,14 @@ def demo_configs(quick: bool = False):
   """``(pretrain_config, finetune_config)`` of the demo; ``quick`` for smoke tests."""
   pre = base_config()
   pre.method = "inpainting"
-  pre.data.num_subjects = 12 if quick else 24
+  pre.data.num_subjects = 8 if quick else 24
   pre.data.num_val = 0
-  pre.data.num_test = 4 if quick else 8
-  pre.data.shape = (32, 64, 64) if quick else (48, 64, 64)
-  pre.model.features = (8, 16, 32) if quick else (16, 32, 64, 128)
-  pre.batch_size = 8 if quick else 16
-  pre.total_steps = 20 if quick else 300
-  pre.log_every = 10 if quick else 25
+  pre.data.num_test = 2 if quick else 8
+  pre.data.shape = (16, 32, 32) if quick else (40, 64, 64)
+  pre.model.features = (4, 8) if quick else (16, 32, 64, 128)
+  pre.batch_size = 8
+  pre.total_steps = 6 if quick else 300
+  pre.log_every = 3 if quick else 25
   pre.checkpoint.every = 0
   pre.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=2 if quick else 20,
                    weight_decay=0.0, grad_clip=1.0)
@@ -51,13 +51,13 @@ def demo_configs(quick: bool = False):
   ft.data = copy.deepcopy(pre.data)
   ft.model = copy.deepcopy(pre.model)
   ft.batch_size = pre.batch_size
-  ft.total_steps = 20 if quick else 250
+  ft.total_steps = 6 if quick else 250
   ft.log_every = pre.log_every
   ft.checkpoint.every = 0
-  ft.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=2 if quick else 20,
+  ft.optim.update(name="adam", lr=5e-3, schedule="cosine", warmup_steps=2 if quick else 20,
                   weight_decay=0.0, grad_clip=1.0)
   ft.data.augment.update(enabled=True, flip=True, rotation=10.0, scale=(0.9, 1.1), affine_p=0.3)
-  ft.finetune.num_labeled = 2
+  ft.finetune.num_labeled = 2 if quick else 4
   return pre, ft
 
 

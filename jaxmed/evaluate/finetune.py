@@ -112,7 +112,7 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
   labeled = datasets.labeled_subset(splits["train"], num_labeled=int(ft.num_labeled),
                                     label_fraction=float(ft.label_fraction),
                                     seed=int(config.seed))
-  arrays = datasets.slice_arrays(labeled, min_foreground=float(config.data.min_foreground))
+  arrays = datasets.slice_arrays(labeled, min_foreground=float(ft.min_foreground))
   if pretrained is None and ft.init_from:
     pretrained = checkpoint.load_variables(ft.init_from)
   method = SegmentationMethod(config)

@@ -25,13 +25,16 @@ def soft_dice_loss(probs, target, *, smooth=_SMOOTH, batch_dice=False):
   return jnp.mean(1.0 - (2.0 * tp + smooth) / (denom + smooth))
 
 
-def sigmoid_dice_ce_loss(logits, target, *, dice_weight=1.0, ce_weight=1.0):
+def sigmoid_dice_ce_loss(logits, target, *, dice_weight=1.0, ce_weight=1.0, batch_dice=True):
   """Region-based loss for overlapping regions (BraTS WT/TC/ET): soft Dice + binary CE.
 
   Args:
     logits: ``(N, *spatial, R)``; target: ``(N, *spatial, R)`` bool or {0, 1}.
+    batch_dice: pool the Dice over the batch (nnU-Net's default for 2D): with per-slice Dice,
+      the many slices where a small region is absent drive its channel to zero.
   """
   logits = logits.astype(jnp.float32)
   target = target.astype(jnp.float32)
   ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
-  return dice_weight * soft_dice_loss(jax.nn.sigmoid(logits), target) + ce_weight * ce
+  dice = soft_dice_loss(jax.nn.sigmoid(logits), target, batch_dice=batch_dice)
+  return dice_weight * dice + ce_weight * ce

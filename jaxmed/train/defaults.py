@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Fine-tuning (jaxmed.evaluate.finetune): where the pre-trained weights come from and how
   # many labelled training subjects are used.
   c.finetune = ml_collections.ConfigDict(dict(
-      init_from="", num_labeled=0, label_fraction=1.0, eval_batch_size=32))
+      init_from="", num_labeled=0, label_fraction=1.0, eval_batch_size=32,
+      # Train on every slice of the labelled subjects (0.0) so that the model also sees
+      # slices with little or no brain, as it will when evaluated on whole volumes.
+      min_foreground=0.0))
   c.lock()
   return c

@@ -76,7 +76,7 @@ def _to_python(v):
   if np.issubdtype(v.dtype, np.integer):
     return int(v)
   x = float(v)
-  return x if math.isfinite(x) else str(x)  # JSON has no NaN / Inf
+  return x if math.isfinite(x) else None  # JSON has no NaN / Inf: null
 
 
 class Progress:
@@ -84,7 +84,7 @@ class Progress:
 
   def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
     self._bar = None
-    self._t0, self._s0 = time.perf_counter(), initial
+    self._last_time, self._last_step = time.perf_counter(), initial
     if enabled and jax.process_index() == 0:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
@@ -97,8 +97,11 @@ class Progress:
         self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
   def steps_per_sec(self, step: int) -> float:
-    elapsed = time.perf_counter() - self._t0
-    return (step - self._s0) / elapsed if elapsed > 0 else 0.0
+    """Steps per second since the previous call (the first interval includes compilation)."""
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    return rate
 
   def close(self):
     if self._bar is not None:

@@ -45,6 +45,14 @@ class TrainResult:
   preempted: bool = False
 
 
+def _init_compiler_options():
+  """Initialisation runs once: on CPU, skip LLVM's expensive passes (~4x faster compile of the
+  per-parameter threefry draws, e.g. 13 s -> 3 s for a 4-level UNet)."""
+  if jax.default_backend() != "cpu":
+    return None
+  return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def make_augment(cfg) -> Augment | None:
   """`Augment` from ``config.data.augment`` (None when absent or ``enabled=False``)."""
   if not cfg or not cfg.get("enabled", True):
@@ -161,7 +169,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
 
   abstract = jax.eval_shape(init_fn, rng)
   state_sh = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_init_compiler_options())(rng)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(config.checkpoint.get("keep", 3)),
                                        async_save=bool(config.checkpoint.get("async_save", True)))

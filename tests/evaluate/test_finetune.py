@@ -1,0 +1,69 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmed.cli import apply_overrides
+from jaxmed.data import datasets
+from jaxmed.evaluate import finetune
+from jaxmed.methods import InpaintingMethod, SegmentationMethod
+from jaxmed.train import checkpoint, trainer
+
+
+def _variables(method, channels):
+  batch = {"image": np.zeros((2, 16, 16, channels), np.float32)}
+  return jax.device_get(method.init(jax.random.PRNGKey(0), batch))
+
+
+def test_transfer_replaces_input_and_output_layers_only(tiny_config):
+  pre = _variables(InpaintingMethod(tiny_config), 8)  # e.g. 2 mixtures x 4 modalities
+  tiny_config.method = "segmentation"
+  fresh = _variables(SegmentationMethod(tiny_config), 4)
+  out = finetune.transfer_variables(pre, fresh)
+  for name, value in out["params"].items():
+    src = fresh if name in finetune.REPLACED_LAYERS else pre
+    jax.tree.map(np.testing.assert_array_equal, value, src["params"][name])
+  assert out["params"]["input_conv"]["conv"]["kernel"].shape[-2] == 4
+  assert out["params"]["output_conv"]["kernel"].shape[-1] == 3
+
+
+def test_transfer_lists_mismatches(tiny_config):
+  pre = _variables(InpaintingMethod(tiny_config), 4)
+  tiny_config.model.features = (4, 16)
+  fresh = _variables(InpaintingMethod(tiny_config), 4)
+  with pytest.raises(ValueError, match=r"(?s)cannot transfer.*bottleneck.*shape"):
+    finetune.transfer_variables(pre, fresh)
+
+
+def test_pretrain_then_finetune_end_to_end(tiny_config, tmp_path):
+  pre = trainer.train(tiny_config, str(tmp_path / "pre"), progress=False)
+  ft_config = apply_overrides(tiny_config, {"method": "segmentation",
+                                            "finetune.init_from": str(tmp_path / "pre"),
+                                            "finetune.num_labeled": 2, "total_steps": 4,
+                                            "eval_every": 2})
+  result = finetune.finetune(ft_config, str(tmp_path / "ft"), progress=False)
+  # The fine-tuned model started from the pre-trained encoder: its first step moved away from
+  # the pre-trained weights, not from a fresh initialisation.
+  loaded = checkpoint.load_variables(str(tmp_path / "pre"))
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["bottleneck"],
+               jax.device_get(pre.state.params["bottleneck"]))
+  assert len(result.labeled_subjects) == 2
+  assert set(result.test["mean"]) == {"WT", "TC", "ET"}
+  report = json.load(open(tmp_path / "ft" / "test_dice.json"))
+  assert report["regions"] == ["WT", "TC", "ET"] and len(report["dice"]) == 1
+  records = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
+  assert "val/dice_WT" in records[-1] and records[-1]["step"] == 4
+
+
+def test_evaluate_subjects_perfect_prediction(tiny_config, monkeypatch):
+  tiny_config.method = "segmentation"
+  method = SegmentationMethod(tiny_config)
+  subjects = datasets.load_splits(tiny_config.data)["test"]
+  # A model that predicts the truth: patch predict_volume through the method's predict.
+  truth = {id(s.image): s.regions for s in subjects}
+  monkeypatch.setattr(finetune, "predict_volume", lambda m, v, image, batch_size: truth[id(image)])
+  result = finetune.evaluate_subjects(method, None, subjects)
+  finite = result["dice"][np.isfinite(result["dice"])]
+  assert finite.size and np.all(finite == 1.0)
