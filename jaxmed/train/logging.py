@@ -90,11 +90,13 @@ class Progress:
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                        mininterval=1.0)
 
-  def update(self, step: int, loss: float | None = None):
+  def update(self, step: int):
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
-      if loss is not None:
-        self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+  def set_loss(self, loss: float):
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
   def steps_per_sec(self, step: int) -> float:
     """Steps per second since the previous call (the first interval includes compilation)."""

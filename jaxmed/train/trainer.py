@@ -199,6 +199,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
       for step in range(start + 1, total_steps + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
+        bar.update(step)
         final = step == total_steps
         do_eval = bool(hooks) and (final or (eval_every and step % eval_every == 0))
         if final or step % log_every == 0 or do_eval:
@@ -209,7 +210,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
             for hook in hooks:
               last.update(hook(step, state))
           writer.write(step, last)
-          bar.update(step, last["loss"])
+          bar.set_loss(last["loss"])
           # Checked at log steps only (no per-step host sync); skipped steps leave the
           # state unchanged, so detecting a streak late is harmless.
           if last["nonfinite_streak"] >= max_nonfinite:
