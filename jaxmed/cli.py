@@ -46,18 +46,9 @@ def run_config(config, workdir: str, *, progress: bool = True):
     f.write(config.to_json_best_effort(indent=1))
   if config.method == "segmentation":
     result = finetune.finetune(config, workdir, progress=progress)
-    print(format_dice_table({os.path.basename(os.path.normpath(workdir)): result.test["mean"]}))
+    print(finetune.dice_table({os.path.basename(os.path.normpath(workdir)): result.test}))
     return result
   return trainer.train(config, workdir, progress=progress)
-
-
-def format_dice_table(rows: dict[str, dict[str, float]]) -> str:
-  """Markdown table: one row per run, one column per region."""
-  regions = list(next(iter(rows.values())))
-  lines = ["| run | " + " | ".join(regions) + " |", "|---" * (len(regions) + 1) + "|"]
-  for name, values in rows.items():
-    lines.append(f"| {name} | " + " | ".join(f"{values[r]:.3f}" for r in regions) + " |")
-  return "\n".join(lines)
 
 
 def apply_overrides(config, overrides: dict):

@@ -77,7 +77,7 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> dic
   synthetic.save_montage(splits["train"], os.path.join(workdir, "phantoms.png"), num_subjects=3)
 
   t = time.perf_counter()
-  unlabeled = datasets.slice_arrays(splits["train"],
+  unlabeled = datasets.slice_view(splits["train"],
                                     min_foreground=float(pre_cfg.data.min_foreground))
   pre = trainer.train(pre_cfg, os.path.join(workdir, "pretrain"), train_arrays=unlabeled,
                       progress=progress)
@@ -97,7 +97,7 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> dic
     _log(f"[3/4] fine-tune ({name}) on {len(res.labeled_subjects)} labelled subjects: "
          f"{_fmt(res.test['mean'])} ({time.perf_counter() - t:.0f}s)")
 
-  table = _dice_table(results)
+  table = finetune_lib.dice_table({_RUN_NAMES[k]: v.test for k, v in results.items()})
   print("\nTest Dice (3D, mean over held-out subjects):\n" + table, flush=True)
   _save_segmentation_figure(results, splits["test"], os.path.join(workdir, "segmentation.png"))
   elapsed = time.perf_counter() - t0
@@ -109,26 +109,15 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> dic
   return summary
 
 
+_RUN_NAMES = {"pretrained": "in-painting pre-trained", "scratch": "from scratch"}
+
+
 def _log(msg: str):
   print(msg, flush=True)
 
 
 def _fmt(mean: dict) -> str:
   return ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
-
-
-def _dice_table(results) -> str:
-  regions = list(next(iter(results.values())).test["mean"])
-  lines = ["| initialisation | " + " | ".join(regions) + " | mean |",
-           "|---" * (len(regions) + 2) + "|"]
-  for name, res in results.items():
-    table = res.test["dice"]
-    with np.errstate(all="ignore"):
-      mean, std = np.nanmean(table, axis=0), np.nanstd(table, axis=0)
-    cells = [f"{m:.3f} ({s:.3f})" for m, s in zip(mean, std)]
-    label = "in-painting pre-trained" if name == "pretrained" else "from scratch"
-    lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.nanmean(mean):.3f} |")
-  return "\n".join(lines)
 
 
 def _save_inpainting_figure(method, variables, subject, path):

@@ -84,13 +84,40 @@ def labeled_subset(subjects, *, num_labeled: int = 0, label_fraction: float = 1.
   return [subjects[i] for i in index]
 
 
-def slice_arrays(subjects, *, min_foreground: float = 0.2) -> dict[str, np.ndarray]:
-  """Axial 2D slices with at least ``min_foreground`` brain: image, label, brain_mask, ..."""
-  arrays = synthetic.slice_view(subjects, min_foreground=min_foreground)
-  if arrays["image"].shape[0] == 0:
-    raise ValueError(f"no slice of {len(subjects)} subjects has >= {min_foreground:.0%} "
-                     "foreground (data.min_foreground)")
-  return arrays
+def slice_view(subjects, *, min_foreground: float = 0.2) -> dict[str, np.ndarray]:
+  """Axial slices of ``subjects`` whose fraction of `brain_mask` voxels is >= ``min_foreground``.
+
+  Returns:
+    ``{"image": (S, H, W, C) float32, "label": (S, H, W) uint8, "brain_mask": (S, H, W) bool,
+    "subject_index": (S,) int32, "slice_index": (S,) int32}``, subjects in order.
+  """
+  subjects = list(subjects)
+  if not subjects:
+    raise ValueError("subjects must be a non-empty sequence of Subject")
+  min_foreground = float(min_foreground)
+  if not 0.0 <= min_foreground <= 1.0:
+    raise ValueError(f"min_foreground must be in [0, 1]; got {min_foreground}")
+  hwc = subjects[0].image.shape[1:]
+  images, labels, masks, subject_index, slice_index = [], [], [], [], []
+  for i, subject in enumerate(subjects):
+    if subject.image.shape[1:] != hwc:
+      raise ValueError(
+          f"subjects must share (H, W, C); subjects[{i}] ({subject.subject_id}) has "
+          f"{subject.image.shape[1:]}, subjects[0] has {hwc}")
+    keep = np.flatnonzero(subject.brain_mask.mean(axis=(1, 2)) >= min_foreground)
+    label = subject.label if subject.label is not None else np.zeros(subject.image.shape[:3])
+    images.append(subject.image[keep].astype(np.float32, copy=False))
+    labels.append(label[keep].astype(np.uint8, copy=False))
+    masks.append(subject.brain_mask[keep].astype(bool, copy=False))
+    subject_index.append(np.full(keep.shape, i, np.int32))
+    slice_index.append(keep.astype(np.int32))
+  return {
+      "image": np.concatenate(images),
+      "label": np.concatenate(labels),
+      "brain_mask": np.concatenate(masks),
+      "subject_index": np.concatenate(subject_index),
+      "slice_index": np.concatenate(slice_index),
+  }
 
 
 def load_splits(cfg) -> dict[str, list[Subject]]:

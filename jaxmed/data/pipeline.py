@@ -25,6 +25,9 @@ class ArraySource(grain.sources.RandomAccessDataSource):
       raise ValueError(f"arrays must have equal lengths; got {lengths}")
     self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
     self._len = next(iter(lengths.values()))
+    if not self._len:
+      raise ValueError(f"arrays hold no examples ({self!r}); e.g. no slice passed "
+                       "data.min_foreground")
 
   def __len__(self) -> int:
     return self._len

@@ -170,43 +170,6 @@ def make_subjects(num_subjects: int,
   return subjects
 
 
-def slice_view(subjects: Sequence[Subject], *,
-               min_foreground: float = 0.2) -> dict[str, np.ndarray]:
-  """Axial slices of ``subjects`` whose fraction of `brain_mask` voxels is >= ``min_foreground``.
-
-  Returns:
-    ``{"image": (S, H, W, C) float32, "label": (S, H, W) uint8, "brain_mask": (S, H, W) bool,
-    "subject_index": (S,) int32, "slice_index": (S,) int32}``, subjects in order.
-  """
-  subjects = list(subjects)
-  if not subjects:
-    raise ValueError("subjects must be a non-empty sequence of Subject")
-  min_foreground = float(min_foreground)
-  if not 0.0 <= min_foreground <= 1.0:
-    raise ValueError(f"min_foreground must be in [0, 1]; got {min_foreground}")
-  hwc = subjects[0].image.shape[1:]
-  images, labels, masks, subject_index, slice_index = [], [], [], [], []
-  for i, subject in enumerate(subjects):
-    if subject.image.shape[1:] != hwc:
-      raise ValueError(
-          f"subjects must share (H, W, C); subjects[{i}] ({subject.subject_id}) has "
-          f"{subject.image.shape[1:]}, subjects[0] has {hwc}")
-    keep = np.flatnonzero(subject.brain_mask.mean(axis=(1, 2)) >= min_foreground)
-    label = subject.label if subject.label is not None else np.zeros(subject.image.shape[:3])
-    images.append(subject.image[keep].astype(np.float32, copy=False))
-    labels.append(label[keep].astype(np.uint8, copy=False))
-    masks.append(subject.brain_mask[keep].astype(bool, copy=False))
-    subject_index.append(np.full(keep.shape, i, np.int32))
-    slice_index.append(keep.astype(np.int32))
-  return {
-      "image": np.concatenate(images),
-      "label": np.concatenate(labels),
-      "brain_mask": np.concatenate(masks),
-      "subject_index": np.concatenate(subject_index),
-      "slice_index": np.concatenate(slice_index),
-  }
-
-
 def save_montage(subjects: Sequence[Subject], path: str | os.PathLike, *,
                  num_subjects: int = 4) -> None:
   """Writes a PNG: a row per subject; a column per modality, then the label over the last one.

@@ -89,6 +89,20 @@ def evaluate_subjects(method: SegmentationMethod, variables, subjects, *,
           "mean": dict(zip(method.regions, map(float, mean)))}
 
 
+def dice_table(results: dict[str, dict]) -> str:
+  """Markdown table of `evaluate_subjects` results: a row per run, mean (std) over subjects
+  per region, and the mean over regions."""
+  regions = list(next(iter(results.values()))["mean"])
+  lines = ["| run | " + " | ".join(regions) + " | mean |", "|---" * (len(regions) + 2) + "|"]
+  for name, result in results.items():
+    with np.errstate(all="ignore"):
+      mean = np.nanmean(result["dice"], axis=0)
+      std = np.nanstd(result["dice"], axis=0)
+    cells = [f"{m:.3f} ({s:.3f})" for m, s in zip(mean, std)]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.nanmean(mean):.3f} |")
+  return "\n".join(lines)
+
+
 @dataclasses.dataclass
 class FinetuneResult:
   test: dict
@@ -112,7 +126,7 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
   labeled = datasets.labeled_subset(splits["train"], num_labeled=int(ft.num_labeled),
                                     label_fraction=float(ft.label_fraction),
                                     seed=int(config.seed))
-  arrays = datasets.slice_arrays(labeled, min_foreground=float(ft.min_foreground))
+  arrays = datasets.slice_view(labeled, min_foreground=float(ft.min_foreground))
   if pretrained is None and ft.init_from:
     pretrained = checkpoint.load_variables(ft.init_from)
   method = SegmentationMethod(config)

@@ -144,7 +144,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   method = method or methods_lib.get_method(config)
   if train_arrays is None:
     subjects = datasets.load_splits(config.data)["train"]
-    train_arrays = datasets.slice_arrays(subjects,
+    train_arrays = datasets.slice_view(subjects,
                                          min_foreground=float(config.data.min_foreground))
   total_steps = int(config.total_steps)
   batch_size = int(config.batch_size)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxmed.data import synthetic
+from jaxmed.data import datasets, synthetic
 from jaxmed.data.subject import Subject
 
 SMALL = (32, 32, 32)
@@ -275,7 +275,7 @@ def test_noise_free_background_is_zero_and_rician_background_is_rayleigh():
 
 def test_slice_view_keeps_foreground_slices():
   subjects = [_subject(seed)[0] for seed in range(3)]
-  view = synthetic.slice_view(subjects)
+  view = datasets.slice_view(subjects)
   s = view["image"].shape[0]
   assert view["image"].shape == (s, 32, 32, 4) and view["image"].dtype == np.float32
   assert view["label"].shape == (s, 32, 32) and view["label"].dtype == np.uint8
@@ -295,25 +295,25 @@ def test_slice_view_keeps_foreground_slices():
 
 def test_slice_view_min_foreground():
   subjects = [_subject(0)[0]]
-  assert synthetic.slice_view(subjects, min_foreground=0.0)["image"].shape[0] == 32
-  assert synthetic.slice_view(subjects, min_foreground=1.0)["image"].shape == (0, 32, 32, 4)
-  loose = synthetic.slice_view(subjects, min_foreground=0.1)["image"].shape[0]
-  assert loose > synthetic.slice_view(subjects, min_foreground=0.3)["image"].shape[0]
+  assert datasets.slice_view(subjects, min_foreground=0.0)["image"].shape[0] == 32
+  assert datasets.slice_view(subjects, min_foreground=1.0)["image"].shape == (0, 32, 32, 4)
+  loose = datasets.slice_view(subjects, min_foreground=0.1)["image"].shape[0]
+  assert loose > datasets.slice_view(subjects, min_foreground=0.3)["image"].shape[0]
 
 
 def test_slice_view_non_cubic_shape():
   subject = _subject(0, (32, 48, 40))[0]
-  view = synthetic.slice_view([subject])
+  view = datasets.slice_view([subject])
   assert view["image"].shape[1:] == (48, 40, 4)
 
 
 def test_slice_view_rejects_bad_input():
   with pytest.raises(ValueError, match="subjects"):
-    synthetic.slice_view([])
+    datasets.slice_view([])
   with pytest.raises(ValueError, match="share"):
-    synthetic.slice_view([_subject(0)[0], _subject(0, (32, 48, 40))[0]])
+    datasets.slice_view([_subject(0)[0], _subject(0, (32, 48, 40))[0]])
   with pytest.raises(ValueError, match="min_foreground"):
-    synthetic.slice_view([_subject(0)[0]], min_foreground=1.5)
+    datasets.slice_view([_subject(0)[0]], min_foreground=1.5)
 
 
 # Argument validation.
