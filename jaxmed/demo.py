@@ -37,9 +37,9 @@ def demo_configs(quick: bool = False):
   pre.data.num_val = 0
   pre.data.num_test = 2 if quick else 8
   pre.data.shape = (16, 32, 32) if quick else (40, 64, 64)
-  pre.model.features = (4, 8) if quick else (16, 32, 64, 128)
+  pre.model.features = (4, 8) if quick else (12, 24, 48, 96)
   pre.batch_size = 8
-  pre.total_steps = 6 if quick else 300
+  pre.total_steps = 6 if quick else 250
   pre.log_every = 3 if quick else 25
   pre.checkpoint.every = 0
   pre.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=2 if quick else 20,
@@ -51,7 +51,7 @@ def demo_configs(quick: bool = False):
   ft.data = copy.deepcopy(pre.data)
   ft.model = copy.deepcopy(pre.model)
   ft.batch_size = pre.batch_size
-  ft.total_steps = 6 if quick else 250
+  ft.total_steps = 6 if quick else 420
   ft.log_every = pre.log_every
   ft.checkpoint.every = 0
   ft.optim.update(name="adam", lr=5e-3, schedule="cosine", warmup_steps=2 if quick else 20,
