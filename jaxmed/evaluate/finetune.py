@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 import flax
 import jax
@@ -83,10 +84,17 @@ def evaluate_subjects(method: SegmentationMethod, variables, subjects, *,
     pred = predict_volume(method, variables, s.image, batch_size=batch_size)
     rows.append(np.asarray(dice(pred[None], s.regions[None]))[0])
   table = np.stack(rows)
-  with np.errstate(all="ignore"):
-    mean = np.nanmean(table, axis=0)
+  mean = _nanmean(table)
   return {"subjects": [s.subject_id for s in subjects], "dice": table,
           "mean": dict(zip(method.regions, map(float, mean)))}
+
+
+def _nanmean(table, reduce=np.nanmean):
+  """Per-column nan-aware reduction; a column with no finite value (a region absent from every
+  subject) gives nan without a warning."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return reduce(table, axis=0)
 
 
 def dice_table(results: dict[str, dict]) -> str:
@@ -95,9 +103,7 @@ def dice_table(results: dict[str, dict]) -> str:
   regions = list(next(iter(results.values()))["mean"])
   lines = ["| run | " + " | ".join(regions) + " | mean |", "|---" * (len(regions) + 2) + "|"]
   for name, result in results.items():
-    with np.errstate(all="ignore"):
-      mean = np.nanmean(result["dice"], axis=0)
-      std = np.nanstd(result["dice"], axis=0)
+    mean, std = _nanmean(result["dice"]), _nanmean(result["dice"], np.nanstd)
     cells = [f"{m:.3f} ({s:.3f})" for m, s in zip(mean, std)]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.nanmean(mean):.3f} |")
   return "\n".join(lines)
