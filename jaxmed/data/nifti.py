@@ -419,3 +419,33 @@ def read_folder(root: PathLike,
       subject = dataclasses.replace(subject, grade=int(grades[case]))
     subjects.append(subject)
   return subjects
+
+
+def write_case(subject: Subject, root: PathLike, *, seg: str | None = "seg",
+               pattern: str = "{case}_{name}.nii.gz") -> pathlib.Path:
+  """Writes ``subject`` as a BraTS-style case folder that `read_case` reads back.
+
+  One file per modality (and ``seg`` for the label map, unless None or the subject has no
+  label), float32 images and uint8 labels, RAS+ affine with the subject's spacing; the
+  ``(D, H, W)`` = (z, y, x) arrays are stored as (x, y, z). Useful to export phantoms and to
+  exercise a NIfTI pipeline.
+
+  Returns:
+    the case folder ``root / subject.subject_id``.
+  """
+  case_dir = pathlib.Path(root) / subject.subject_id
+  case_dir.mkdir(parents=True, exist_ok=True)
+  dz, dy, dx = subject.spacing
+  affine = np.diag([dx, dy, dz, 1.0])
+
+  def save(array, name, dtype):
+    data = np.ascontiguousarray(np.transpose(array, (2, 1, 0)).astype(dtype))
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_zooms((dx, dy, dz))
+    nib.save(image, case_dir / pattern.format(case=subject.subject_id, name=name))
+
+  for c, name in enumerate(subject.modalities):
+    save(subject.image[..., c], name, np.float32)
+  if seg is not None and subject.label is not None:
+    save(subject.label, seg, np.uint8)
+  return case_dir
