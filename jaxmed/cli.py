@@ -86,7 +86,7 @@ def slurm_script(config_arg: str, workdir: str, sweep: list[dict], sbatch_args: 
   for i, overrides in enumerate(sweep):
     args = [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
     cases.append(f"  {i}) OVERRIDES=({' '.join(shlex.quote(a) for a in args)}) ;;")
-  options = "\n".join(f"#SBATCH {opt}" for opt in _split_sbatch(sbatch_args))
+  options = "\n".join(f"#SBATCH {opt}" for opt in shlex.split(sbatch_args))
   extra = " ".join(shlex.quote(a) for a in passthrough)
   return f"""#!/bin/bash
 #SBATCH --job-name=jaxmed-sweep
@@ -103,10 +103,6 @@ RUN=$(printf "%03d" "$SLURM_ARRAY_TASK_ID")
 srun jaxmed train --config {shlex.quote(config_arg)} --workdir "{workdir}/$RUN" {extra} \\
   "${{OVERRIDES[@]}}"
 """
-
-
-def _split_sbatch(args: str) -> list[str]:
-  return [a for a in shlex.split(args) if a]
 
 
 def _flag_value(v) -> str:

@@ -65,9 +65,3 @@ def train_iterator(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, 
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   return iter(ds.to_iter_dataset())
 
-
-def batches(arrays: Mapping[str, np.ndarray], batch_size: int):
-  """Sequential, unshuffled batches of ``arrays`` (the last one may be short) for evaluation."""
-  n = len(next(iter(arrays.values())))
-  for start in range(0, n, batch_size):
-    yield {k: v[start:start + batch_size] for k, v in arrays.items()}

@@ -1,4 +1,4 @@
-"""The fields every experiment config has, with their defaults (see the README's config table).
+"""The fields every experiment config has, with their defaults.
 
 Experiment files in ``configs/`` start from `base_config` and override; since ConfigDicts built
 here are locked, a misspelt field in a config file or on the command line is an error.

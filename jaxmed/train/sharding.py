@@ -47,10 +47,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def fsdp_spec(shape, fsdp_size: int) -> P:
   """Split the largest axis divisible by ``fsdp_size``; replicate small or indivisible arrays."""
   if fsdp_size == 1 or not shape or int(np.prod(shape)) < 2**12:
