@@ -28,6 +28,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (multi-host: SLURM, TPU pods)")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--distributed: host:port of process 0 (default: auto-detect)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "--distributed: number of processes (default: auto-detect)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "--distributed: this process's index (default: auto-detect)")
 _SLURM = flags.DEFINE_bool("slurm", False, "sweep: write a SLURM array script instead of running")
 _SLURM_ARGS = flags.DEFINE_string("slurm_args", "--gres=gpu:1 --time=24:00:00",
                                   "sweep: extra #SBATCH options")
@@ -128,7 +134,8 @@ def _main(argv):
     raise app.UsageError(f"jaxmed {command} needs --config and --workdir")
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   workdir = os.path.abspath(_WORKDIR.value)
   config_arg = _config_argument(sys.argv) or flags.FLAGS["config"].config_filename
   if command == "train":

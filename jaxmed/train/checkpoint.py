@@ -99,8 +99,9 @@ def _all_finite(state) -> bool:
 class PreemptionFlag:
   """Turns SIGTERM into a flag the train loop polls, so it can save and exit cleanly.
 
-  With several processes, `should_stop` uses JAX's preemption sync point so that every
-  process stops at the same step (``jax.distributed.initialize`` registers the notifier).
+  One process: a Python SIGTERM handler sets the flag. Several processes: every process must
+  stop at the same step, so the flag is JAX's preemption sync point, fed by the notifier that
+  ``jax.distributed.initialize`` installs for SIGTERM (no Python handler, which would replace it).
   """
 
   def __init__(self):
@@ -108,7 +109,7 @@ class PreemptionFlag:
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -125,7 +126,7 @@ class PreemptionFlag:
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self._event.is_set() or multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 
 

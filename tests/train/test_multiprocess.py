@@ -1,0 +1,66 @@
+"""Multi-host: two local processes x two CPU devices through ``jaxmed train --distributed``."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from jaxmed.train.logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from conftest import tiny_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start_two_processes(workdir, total_steps):
+  port = _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/inpainting.py",
+       "--workdir", str(workdir), "--noprogress", "--distributed",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+       *tiny_flags(), "--config.checkpoint.every=10", "--config.tensorboard=False",
+       f"--config.total_steps={total_steps}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  return procs
+
+
+def _wait(procs):
+  outputs = [p.communicate(timeout=400)[0].decode() for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+
+
+def _final(workdir):
+  return {k: v for k, v in read_metrics(str(workdir))[-1].items() if not k.endswith("_per_sec")}
+
+
+def test_two_processes_sigterm_and_resume_match_a_straight_run(tmp_path):
+  total = 80
+  _wait(_start_two_processes(tmp_path / "straight", total))
+  resumed = tmp_path / "resumed"
+  procs = _start_two_processes(resumed, total)
+  while not (os.path.exists(resumed / "metrics.jsonl")
+             and read_metrics(str(resumed))[-1]["step"] >= 10):
+    assert all(p.poll() is None for p in procs), "a process exited before SIGTERM"
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  _wait(procs)  # both stop at the same step (JAX preemption sync point), save and exit 0
+  steps = sorted(int(p) for p in os.listdir(resumed / "checkpoints") if p.isdigit())
+  assert steps and steps[-1] < total, "the run finished before it was stopped"
+  data = resumed / "checkpoints" / str(steps[-1]) / "data"
+  assert sorted(p for p in os.listdir(data) if p.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]  # one data-iterator state per process
+  _wait(_start_two_processes(resumed, total))
+  logged = [r["step"] for r in read_metrics(str(resumed))]
+  assert logged == list(range(5, total + 1, 5))
+  assert _final(resumed) == _final(tmp_path / "straight")
