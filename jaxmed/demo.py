@@ -78,7 +78,7 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> dic
 
   t = time.perf_counter()
   unlabeled = datasets.slice_view(splits["train"],
-                                    min_foreground=float(pre_cfg.data.min_foreground))
+                                  min_foreground=float(pre_cfg.data.min_foreground))
   pre = trainer.train(pre_cfg, os.path.join(workdir, "pretrain"), train_arrays=unlabeled,
                       progress=progress)
   _log(f"[2/4] in-painting pre-training: {pre_cfg.total_steps} steps on "

@@ -20,23 +20,14 @@ import numpy as np
 
 from jaxmed import demo
 from jaxmed.methods import get_method
-from jaxmed.train import optim, sharding, trainer
-from jaxmed.train.state import TrainState
+from jaxmed.train import sharding, trainer
 
 
 def time_jaxmed(config, batch, steps, repeats):
   method = get_method(config)
   mesh = sharding.make_mesh(config.mesh)
-  tx, schedule = optim.make_optimizer(config.optim, 10_000)
-  state = TrainState.create(variables=method.init(jax.random.PRNGKey(0), batch), tx=tx,
-                            rng=jax.random.PRNGKey(1))
+  state, step, _ = trainer.setup(config, method, batch, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  shard = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
-  state = jax.device_put(state, shard)
-  step = jax.jit(trainer.make_train_step(method, tx, schedule,
-                                         augment=trainer.make_augment(config.data.augment)),
-                 in_shardings=(shard, sharding.batch_sharding(mesh)),
-                 out_shardings=(shard, None), donate_argnums=(0,))
   gbatch = sharding.global_batch(batch, mesh)
   t = time.perf_counter()
   state, metrics = step(state, gbatch)

@@ -418,7 +418,7 @@ def _tumour_layers(rng: np.random.Generator, geo: _Geometry, fields):
     centre = rng.uniform(-0.55, 0.55, size=3)
     if 0.22 <= np.linalg.norm(centre) <= 0.55 and abs(centre[2]) >= 0.2:
       break
-  # Whole tumour about 3-8% of the brain volume, as in BraTS.
+  # Whole tumour about 5-15% of the brain volume (BraTS ranges over roughly 1-20%).
   edema_radius = rng.uniform(0.32, 0.45) if grade else rng.uniform(0.25, 0.38)
   region = geo.region(centre, _blob_extent(edema_radius, 0.2))
   u = geo.crop(region)

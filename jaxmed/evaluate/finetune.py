@@ -105,7 +105,7 @@ def dice_table(results: dict[str, dict]) -> str:
   for name, result in results.items():
     mean, std = _nanmean(result["dice"]), _nanmean(result["dice"], np.nanstd)
     cells = [f"{m:.3f} ({s:.3f})" for m, s in zip(mean, std)]
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.nanmean(mean):.3f} |")
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_nanmean(mean):.3f} |")
   return "\n".join(lines)
 
 

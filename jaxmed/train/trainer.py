@@ -122,6 +122,35 @@ def make_train_step(method, tx, schedule, *, augment: Augment | None, accum_step
   return step
 
 
+def setup(config, method, example_batch, mesh):
+  """The step-0 train state, placed in its shardings, and the jitted, sharded train step.
+
+  Args:
+    config: experiment config (``seed``, ``total_steps``, ``optim``, ``data.augment``).
+    method: the `Method` to train.
+    example_batch: a global batch (arrays or shapes) that fixes the input shapes.
+    mesh: the device mesh.
+
+  Returns:
+    ``(state, step_fn, state_shardings)``; ``step_fn(state, batch)`` donates ``state``.
+  """
+  tx, schedule = optim.make_optimizer(config.optim, int(config.total_steps))
+  rng = jax.random.PRNGKey(int(config.seed))
+
+  def init_fn(rng):
+    init_key, step_key = jax.random.split(rng)
+    return TrainState.create(variables=method.init(init_key, example_batch), tx=tx,
+                             rng=step_key)
+
+  state_sh = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh)
+  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_init_compiler_options())(rng)
+  step = make_train_step(method, tx, schedule, augment=make_augment(config.data.get("augment")),
+                         accum_steps=int(config.optim.get("accum_steps", 1)))
+  step_fn = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sh, None), donate_argnums=(0,))
+  return state, step_fn, state_sh
+
+
 def train(config, workdir: str, *, method: methods_lib.Method | None = None,
           train_arrays: Mapping[str, np.ndarray] | None = None,
           init_variables: Callable[[dict], dict] | None = None,
@@ -145,7 +174,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   if train_arrays is None:
     subjects = datasets.load_splits(config.data)["train"]
     train_arrays = datasets.slice_view(subjects,
-                                         min_foreground=float(config.data.min_foreground))
+                                       min_foreground=float(config.data.min_foreground))
   total_steps = int(config.total_steps)
   batch_size = int(config.batch_size)
   accum = int(config.optim.get("accum_steps", 1))
@@ -156,20 +185,8 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
 
   data_iter = pipeline.train_iterator(train_arrays, global_batch_size=batch_size,
                                       seed=int(config.seed))
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  augment = make_augment(config.data.get("augment"))
-
-  # Initialise directly into the target shardings.
   example = {k: np.zeros((batch_size, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()}
-  rng = jax.random.PRNGKey(int(config.seed))
-
-  def init_fn(rng):
-    init_key, step_key = jax.random.split(rng)
-    return TrainState.create(variables=method.init(init_key, example), tx=tx, rng=step_key)
-
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sh = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_init_compiler_options())(rng)
+  state, step_fn, state_sh = setup(config, method, example, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(config.checkpoint.get("keep", 3)),
                                        async_save=bool(config.checkpoint.get("async_save", True)))
@@ -180,12 +197,8 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     variables = init_variables(jax.device_get(state.variables))
     params = variables.pop("params")
     state = jax.device_put(state.replace(params=params, model_state=variables,
-                                         opt_state=tx.init(params)), state_sh)
+                                         opt_state=state.tx.init(params)), state_sh)
 
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(method, tx, schedule, augment=augment, accum_steps=accum),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                    donate_argnums=(0,))
   start = int(state.step)
   writer = log_lib.MetricWriter(workdir, resume_step=start,
                                 tensorboard=bool(config.get("tensorboard", True)))

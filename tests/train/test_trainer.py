@@ -14,7 +14,7 @@ import pytest
 
 from jaxmed import methods as methods_lib
 from jaxmed.methods import InpaintingMethod, get_method
-from jaxmed.train import checkpoint, optim, sharding, trainer
+from jaxmed.train import checkpoint, sharding, trainer
 from jaxmed.train.logging import read_metrics
 from jaxmed.train.state import TrainState
 
@@ -24,15 +24,9 @@ from conftest import tiny_flags  # noqa: E402  pylint: disable=g-import-not-at-t
 
 
 def _one_step(config, arrays, mesh, accum=1):
-  method = get_method(config)
-  tx, schedule = optim.make_optimizer(config.optim, 10)
+  config.optim.accum_steps = accum
   batch = {k: v[:8] for k, v in arrays.items()}
-  state = TrainState.create(variables=method.init(jax.random.PRNGKey(0), batch), tx=tx,
-                            rng=jax.random.PRNGKey(1))
-  shard = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
-  state = jax.device_put(state, shard)
-  step = jax.jit(trainer.make_train_step(method, tx, schedule, augment=None, accum_steps=accum),
-                 in_shardings=(shard, sharding.batch_sharding(mesh)), out_shardings=(shard, None))
+  state, step, _ = trainer.setup(config, get_method(config), batch, mesh)
   new_state, metrics = step(state, sharding.global_batch(batch, mesh))
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
