@@ -1,5 +1,30 @@
 """Pure, jit-compiled metric kernels. Importing this package pulls in nothing heavier than jax."""
 
+from jaxmed.metrics.classification import accuracy, roc_auc, sensitivity_specificity
+from jaxmed.metrics.image import mae, mse, nmse, psnr, ssim
+from jaxmed.metrics.perceptual import max_normalize, two_afc_score
 from jaxmed.metrics.segmentation import dice
+from jaxmed.metrics.statistics import linear_cka, pearson, spearman
+from jaxmed.metrics.surface import (average_surface_distance, distance_transform_edt,
+                                    hausdorff_distance, surface_dice)
 
-__all__ = ["dice"]
+__all__ = [
+    "accuracy",
+    "average_surface_distance",
+    "dice",
+    "distance_transform_edt",
+    "hausdorff_distance",
+    "linear_cka",
+    "mae",
+    "max_normalize",
+    "mse",
+    "nmse",
+    "pearson",
+    "psnr",
+    "roc_auc",
+    "sensitivity_specificity",
+    "spearman",
+    "ssim",
+    "surface_dice",
+    "two_afc_score",
+]

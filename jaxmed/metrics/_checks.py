@@ -1,0 +1,72 @@
+"""Input checks shared by the metric kernels, run on the host before tracing.
+
+Every public metric validates its arguments here and then calls a jitted kernel. Shape, rank and
+dtype checks always run; value checks (NaN, binary) run only on concrete arrays, so a metric
+called inside a user's ``jax.jit`` still traces (it then skips the value checks).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+  """True for an abstract value inside a transformation (``jit``, ``vmap``, ``grad``)."""
+  return isinstance(x, jax.core.Tracer)
+
+
+def as_array(fn: str, name: str, x):
+  """``x`` as a jax array (tracers pass through); a clear error for non-numeric input."""
+  if is_traced(x):
+    return x
+  try:
+    x = jnp.asarray(x)
+  except TypeError as e:
+    raise ValueError(f"{fn}: {name} must be a numeric array; got {type(x).__name__}") from e
+  if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_):
+    raise ValueError(f"{fn}: {name} must be numeric or bool; got dtype {x.dtype}")
+  return x
+
+
+def same_shape(fn: str, a_name: str, a, b_name: str, b) -> None:
+  if np.shape(a) != np.shape(b):
+    raise ValueError(f"{fn}: {a_name} shape {np.shape(a)} != {b_name} shape {np.shape(b)}")
+
+
+def rank_in(fn: str, name: str, x, ranks, layout: str) -> None:
+  """Raise unless ``x.ndim`` is one of ``ranks``; ``layout`` says what the axes mean."""
+  if np.ndim(x) not in tuple(ranks):
+    raise ValueError(f"{fn}: {name} must be {layout}; got shape {np.shape(x)}")
+
+
+def finite(fn: str, name: str, x) -> None:
+  """Raise if a concrete ``x`` holds NaN or Inf (checked in NumPy: no compile per shape)."""
+  if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return
+  if not np.isfinite(np.asarray(x)).all():
+    raise ValueError(f"{fn}: {name} contains NaN or Inf")
+
+
+def binary(fn: str, name: str, x) -> None:
+  """Raise if a concrete ``x`` holds values other than 0 and 1 (bool always passes)."""
+  if is_traced(x) or x.dtype == jnp.bool_:
+    return
+  values = np.asarray(x)
+  if not ((values == 0) | (values == 1)).all():
+    raise ValueError(f"{fn}: {name} must be a binary mask (bool or 0/1); found values "
+                     f"{np.unique(values)[:6]}")
+
+
+def spacing_tuple(fn: str, spacing, ndim: int) -> tuple[float, ...]:
+  """Normalise ``spacing`` (None, a number or one positive number per spatial axis)."""
+  if spacing is None:
+    return (1.0,) * ndim
+  values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
+  if values.ndim != 1 or values.size not in (1, ndim):
+    raise ValueError(f"{fn}: spacing must be a number or {ndim} numbers (one per spatial axis); "
+                     f"got {spacing!r}")
+  if not np.all(np.isfinite(values) & (values > 0)):
+    raise ValueError(f"{fn}: spacing must be positive and finite; got {spacing!r}")
+  return tuple(float(v) for v in np.broadcast_to(values, (ndim,)))

@@ -1,0 +1,392 @@
+"""Exact Euclidean distance transform and surface-distance metrics (Hausdorff, ASD, surface Dice).
+
+Conventions follow MONAI 1.6 (``monai.metrics.utils.get_mask_edges`` / ``get_surface_distance``):
+the surface of a binary mask is its inner boundary, ``mask & ~erode(mask)`` with the
+connectivity-1 (cross) structuring element and everything outside the array counted as
+background; distances are exact Euclidean distances between surface voxel centres, scaled by
+``spacing``.
+
+Empty masks: if exactly one of ``pred`` and ``target`` is empty, Hausdorff and average surface
+distances are ``inf`` and surface Dice is 0; if both are empty, all three are ``nan`` (nothing to
+compare). MONAI agrees except that it returns nan, not inf, for a one-sided empty mask when a
+percentile is set.
+
+Distance transform algorithm (exact, jit-compatible, no data-dependent shapes): the squared
+distance is separable, ``g_a(i) = min_t g_{a-1}(i + t) + (t s_a)^2`` one axis ``a`` after the
+other, starting from 0 on features and "far" elsewhere. Each pass is evaluated over a window
+``|t| <= W`` as a fused minimum of shifted copies. A result ``g <= ((W + 1) s_min)^2`` is exact,
+because any feature outside the ``(2W + 1)^d`` box lies farther away than that. The window grows
+(4, 12, 36, ... voxels, ending with the whole axis, which is brute force and always exact) until
+every voxel that is asked for is certified, so the cost follows the largest distance actually
+needed: at 128^3 about 10 shifted minima per axis for typical surface distances, instead of
+scipy's sequential O(n) per line or a brute force O(n) per voxel.
+
+Concrete (non-traced) inputs are first cropped to the bounding box of ``pred | target`` plus a
+one-voxel margin (as MONAI does), rounded up to a few bucket sizes to bound recompilation. The
+crop never changes a result: straight segments between voxels of the box stay in the box.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmed.metrics import _checks
+
+_FAR = 1e30  # squared distance standing for "no feature"; + any offset stays huge in float32
+_FIRST_WINDOW = 4
+_WINDOW_GROWTH = 3
+_UNROLLED_WINDOW = 16
+_TAPS_PER_BLOCK = 8
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _window_min(f, axis, window, s):
+  """``min_{|t| <= window} f[i + t] + (t s)^2`` along ``axis`` (positions outside are _FAR).
+
+  Small windows are unrolled into one fused loop; larger ones run blocks of ``_TAPS_PER_BLOCK``
+  taps in a ``fori_loop`` (rounding the window up, which only adds true candidates), so compile
+  time does not grow with the window.
+  """
+  n = f.shape[axis]
+  blocks = -(-window // _TAPS_PER_BLOCK)
+  reach = window if window <= _UNROLLED_WINDOW else blocks * _TAPS_PER_BLOCK
+  pad = [(0, 0)] * f.ndim
+  pad[axis] = (reach, reach)
+  # The barrier keeps XLA from simplifying slice(pad(f)) back to f and recomputing the previous
+  # pass inside this one (measured 2x slower at 128^3).
+  padded = jax.lax.optimization_barrier(jnp.pad(f, pad, constant_values=_FAR))
+
+  def tap(out, t):
+    ahead = jax.lax.dynamic_slice_in_dim(padded, reach + t, n, axis=axis)
+    behind = jax.lax.dynamic_slice_in_dim(padded, reach - t, n, axis=axis)
+    cost = (jnp.asarray(t, jnp.float32) * s) ** 2
+    return jnp.minimum(out, jnp.minimum(ahead, behind) + cost)
+
+  out = jax.lax.slice_in_dim(padded, reach, reach + n, axis=axis)
+  if window <= _UNROLLED_WINDOW:
+    for t in range(1, window + 1):
+      out = tap(out, t)
+    return out
+
+  def block(b, out):
+    for j in range(1, _TAPS_PER_BLOCK + 1):
+      out = tap(out, b * _TAPS_PER_BLOCK + j)
+    return out
+
+  return jax.lax.fori_loop(0, blocks, block, out)
+
+
+def _window_levels(spatial_shape):
+  """Window radii to try, ending with one that spans every axis (brute force, exact)."""
+  full = max(spatial_shape) - 1
+  levels, w = [], _FIRST_WINDOW
+  while 2 * w < full:  # a level above half the full window saves little over brute force
+    levels.append(w)
+    w *= _WINDOW_GROWTH
+  return levels + [full]
+
+
+def _squared_edt(features, query, spacing):
+  """Squared Euclidean distance to the nearest ``features`` voxel, exact wherever ``query``.
+
+  features, query: (N, *spatial) bool.  spacing: (d,) float32, one per spatial axis.  Returns
+  (N, *spatial) float32, ``_FAR`` or more where an item has no feature; values outside
+  ``query`` may be upper bounds.
+  """
+  spatial = features.shape[1:]
+  start = jnp.where(features, 0.0, _FAR).astype(jnp.float32)
+
+  def at_window(window):
+    g = start
+    for axis, n in enumerate(spatial, start=1):
+      g = _window_min(g, axis, min(window, n - 1), spacing[axis - 1])
+    return g
+
+  def certified(g, window):
+    windowed = [a for a, n in enumerate(spatial) if window < n - 1]
+    if not windowed:
+      return jnp.bool_(True)
+    reach = (window + 1) * jnp.min(spacing[jnp.asarray(windowed)])
+    return jnp.all(jnp.where(query, g <= reach**2, True))
+
+  levels = _window_levels(spatial)
+  g = at_window(levels[0])
+  for previous, window in zip(levels, levels[1:]):
+    g = jax.lax.cond(certified(g, previous), lambda g: g, lambda g: at_window(window), g)
+  return g
+
+
+def _inner_boundary(mask):
+  """``mask & ~erode(mask)``, cross structuring element, outside = background.  (N, *spatial)."""
+  eroded = mask
+  for axis in range(1, mask.ndim):
+    pad = [(0, 0)] * mask.ndim
+    pad[axis] = (1, 1)
+    padded = jnp.pad(mask, pad, constant_values=False)
+    n = mask.shape[axis]
+    eroded = (eroded & jax.lax.slice_in_dim(padded, 0, n, axis=axis)
+              & jax.lax.slice_in_dim(padded, 2, n + 2, axis=axis))
+  return mask & ~eroded
+
+
+def _count_max_min(key, threshold):
+  """One pass over the last axis: ``#{key <= t}``, ``max{key <= t}`` (-1 if none) and
+  ``min{key > t}`` (inf if none).
+
+  key: (..., V); threshold: (..., 1).  A variadic reduction, so XLA reads ``key`` once (three
+  separate reductions were 3x slower). Counts are float32 sums, exact below 2**24 per row.
+  """
+  below = key <= threshold
+  operands = (jnp.where(below, 1.0, 0.0), jnp.where(below, key, -1.0),
+              jnp.where(below, jnp.inf, key))
+
+  def combine(a, b):
+    return a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])
+
+  return jax.lax.reduce(operands, (0.0, -1.0, jnp.inf), combine, (key.ndim - 1,))
+
+
+def _quantile(values, valid, q):
+  """``torch.quantile(values[valid], q)`` (linear interpolation) over the last axis, exactly.
+
+  values: (..., V) float32 >= 0; valid: (..., V) bool.  Order statistics are found by bisection
+  on the value, snapping each bound to an actual value, so the loop ends when one distinct value
+  is left (about log2(range / gap) passes over the data).
+  """
+  if values.shape[-1] >= 2**24:
+    raise ValueError(f"surface distances: {values.shape[-1]} voxels per item (>= 2**24) would "
+                     "make the float32 counts inexact")
+  key = jnp.where(valid, values, jnp.inf)
+  count, hi, _ = _count_max_min(key, jnp.full(key.shape[:-1] + (1,), np.finfo(np.float32).max))
+  position = q * jnp.maximum(count - 1.0, 0.0)
+  below = jnp.floor(position)
+
+  def unresolved(bounds):
+    lo, hi = bounds
+    return jnp.any(lo < hi)
+
+  def bisect(bounds):
+    lo, hi = bounds
+    mid = lo + 0.5 * (hi - lo)
+    mid = jnp.where(mid < hi, mid, lo)  # rounding may land on hi: test lo, still progress
+    n_le, max_le, min_gt = _count_max_min(key, mid[..., None])
+    enough = n_le >= below + 1.0
+    return jnp.where(enough, lo, min_gt), jnp.where(enough, max_le, hi)
+
+  v_below, _ = jax.lax.while_loop(unresolved, bisect, (jnp.zeros_like(hi), hi))
+  n_le, _, next_up = _count_max_min(key, v_below[..., None])
+  v_above = jnp.where((n_le >= below + 2.0) | (position == below), v_below, next_up)
+  return v_below + (position - below) * (v_above - v_below)
+
+
+def _apply_empty_rule(value, counts, one_empty):
+  pred_n, target_n = counts
+  value = jnp.where((pred_n == 0) != (target_n == 0), one_empty, value)
+  return jnp.where((pred_n == 0) & (target_n == 0), jnp.nan, value)
+
+
+@functools.partial(jax.jit, static_argnames=("both",))
+def _surface_statistics(pred, target, spacing, quantile, tolerance, both):
+  """Every per-direction statistic the public metrics need, from one distance computation.
+
+  pred, target: (N, *spatial) bool; spacing: (d,) float32; quantile: float32 in [0, 1], or
+  negative to skip the (costlier) quantile; tolerance: float32.  ``both`` adds the
+  target -> pred direction.  Returns a dict of (R, N) arrays, R = 2 if ``both`` else 1 (row 0 is
+  pred -> target): ``max``, ``quantile``, ``sum``, ``number`` and ``close`` (distances <=
+  tolerance) over the surface voxels, plus ``counts`` (2, N), the surface sizes of pred, target.
+  One kernel per shape keeps compile time down; the extra reductions share one pass.
+  """
+  n = pred.shape[0]
+  edge_pred, edge_target = _inner_boundary(pred), _inner_boundary(target)
+  features = jnp.concatenate([edge_target, edge_pred] if both else [edge_target])
+  query = jnp.concatenate([edge_pred, edge_target] if both else [edge_pred])
+  dist = jnp.sqrt(_squared_edt(features, query, spacing)).reshape(-1, n, pred[0].size)
+  valid = query.reshape(dist.shape)
+  operands = (jnp.where(valid, dist, -1.0), jnp.where(valid, dist, 0.0),
+              jnp.where(valid, 1.0, 0.0), jnp.where(valid & (dist <= tolerance), 1.0, 0.0))
+
+  def combine(a, b):
+    return jnp.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+  largest, total, number, close = jax.lax.reduce(operands, (-1.0, 0.0, 0.0, 0.0), combine, (2,))
+  at_quantile = jax.lax.cond(quantile >= 0, lambda: _quantile(dist, valid, quantile),
+                             lambda: largest)
+  counts = jnp.stack([jnp.sum(edge_pred.reshape(n, -1), axis=1, dtype=jnp.int32),
+                      jnp.sum(edge_target.reshape(n, -1), axis=1, dtype=jnp.int32)])
+  return {"max": largest, "quantile": at_quantile, "sum": total, "number": number,
+          "close": close, "counts": counts}
+
+
+@jax.jit
+def _edt_kernel(mask, spacing):
+  sq = _squared_edt(~mask, mask, spacing)
+  return jnp.where(sq >= _FAR, jnp.inf, jnp.sqrt(sq))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _bucket(extent: int, size: int) -> int:
+  """Round ``extent`` up to a multiple of 1/4 of its power of two (>= 8), capped at ``size``."""
+  step = max(8, 1 << max(extent.bit_length() - 3, 0))
+  return min(size, -(-extent // step) * step)
+
+
+def _crop_to_union(pred, target):
+  """Crop both (N, *spatial) masks to the union's bounding box + 1 voxel (bucketed sizes).
+
+  Runs in NumPy on concrete arrays: one host copy of two bool masks, no compile per shape.
+  """
+  pred, target = np.asarray(pred), np.asarray(target)
+  union = pred | target
+  spatial = pred.shape[1:]
+  starts, size = [], []
+  for axis, n in enumerate(spatial, start=1):
+    occupied = union.any(axis=tuple(a for a in range(1, union.ndim) if a != axis))  # (N, n)
+    has_any = occupied.any(axis=1)
+    first = np.where(has_any, occupied.argmax(axis=1), 0)
+    last = np.where(has_any, n - 1 - occupied[:, ::-1].argmax(axis=1), 0)
+    extent = _bucket(int(np.max(last - first)) + 3, n)
+    starts.append(np.clip(first - 1, 0, n - extent))
+    size.append(extent)
+  if tuple(size) == spatial:
+    return pred, target
+  crop = lambda x, i: x[(i,) + tuple(slice(s[i], s[i] + e) for s, e in zip(starts, size))]
+  return (np.stack([crop(pred, i) for i in range(len(pred))]),
+          np.stack([crop(target, i) for i in range(len(pred))]))
+
+
+def _masks(fn: str, pred, target):
+  """Validate a pair of binary masks (N, *spatial) with 1 to 3 spatial axes; return bool arrays."""
+  pred = _checks.as_array(fn, "pred", pred)
+  target = _checks.as_array(fn, "target", target)
+  _checks.same_shape(fn, "pred", pred, "target", target)
+  _checks.rank_in(fn, "pred", pred, (2, 3, 4), "(N, *spatial) with 1 to 3 spatial axes")
+  _checks.binary(fn, "pred", pred)
+  _checks.binary(fn, "target", target)
+  return pred.astype(bool), target.astype(bool)
+
+
+def _prepared(fn: str, pred, target, spacing):
+  pred, target = _masks(fn, pred, target)
+  spacing = jnp.asarray(_checks.spacing_tuple(fn, spacing, pred.ndim - 1), jnp.float32)
+  if not (_checks.is_traced(pred) or _checks.is_traced(target)):
+    pred, target = _crop_to_union(pred, target)
+  return pred, target, spacing
+
+
+def distance_transform_edt(mask, spacing=None):
+  """Exact Euclidean distance transform: distance of each nonzero voxel to the nearest zero.
+
+  Equal to ``scipy.ndimage.distance_transform_edt(mask[i], sampling=spacing)`` for every item
+  ``i``, except that an item without any zero voxel gets ``inf`` (scipy returns distances to an
+  arbitrary point outside the array there). jit-compatible; see the module docstring for the
+  algorithm.
+
+  Args:
+    mask: ``(N, *spatial)`` with 1 to 3 spatial axes, bool or {0, 1}; batch first (pass
+      ``mask[None]`` for a single image).
+    spacing: voxel size per spatial axis (a number for all), default 1.
+
+  Returns:
+    ``(N, *spatial)`` float32; 0 on zero voxels.
+
+  Raises:
+    ValueError: rank outside 2..4, non-binary ``mask``, or bad ``spacing``.
+  """
+  fn = "distance_transform_edt"
+  mask = _checks.as_array(fn, "mask", mask)
+  _checks.rank_in(fn, "mask", mask, (2, 3, 4), "(N, *spatial) with 1 to 3 spatial axes")
+  _checks.binary(fn, "mask", mask)
+  spacing = jnp.asarray(_checks.spacing_tuple(fn, spacing, mask.ndim - 1), jnp.float32)
+  return _edt_kernel(mask.astype(bool), spacing)
+
+
+def hausdorff_distance(pred, target, *, percentile=None, spacing=None, directed=False):
+  """Hausdorff distance between the surfaces of two binary masks, per item (MONAI convention).
+
+  ``max(P(d(pred -> target)), P(d(target -> pred)))`` where ``d(a -> b)`` are the distances from
+  each surface voxel of ``a`` to the nearest surface voxel of ``b`` and ``P`` is the maximum or
+  the ``percentile`` with linear interpolation (``torch.quantile``), taken per direction.
+
+  Args:
+    pred, target: ``(N, *spatial)`` binary masks (bool or {0, 1}), 1 to 3 spatial axes.
+    percentile: None for the maximum, else a number in [0, 100] (95 for HD95); 0 gives the
+      minimum (MONAI reads 0 as None and returns the maximum).
+    spacing: voxel size per spatial axis (a number for all), default 1.
+    directed: only ``pred -> target``.
+
+  Returns:
+    ``(N,)`` float32; ``inf`` if exactly one mask is empty, ``nan`` if both are.
+
+  Raises:
+    ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing or percentile.
+  """
+  fn = "hausdorff_distance"
+  if percentile is not None and not 0 <= float(percentile) <= 100:
+    raise ValueError(f"{fn}: percentile must be None or in [0, 100]; got {percentile}")
+  pred, target, spacing = _prepared(fn, pred, target, spacing)
+  quantile = -1.0 if percentile is None else float(percentile) / 100.0
+  stats = _surface_statistics(pred, target, spacing, jnp.float32(quantile), jnp.float32(0.0),
+                              both=not directed)
+  value = jnp.max(stats["max" if percentile is None else "quantile"], axis=0)
+  return _apply_empty_rule(value, stats["counts"], jnp.inf)
+
+
+def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
+  """Mean distance from the surface of ``pred`` to that of ``target`` (MONAI convention).
+
+  With ``symmetric=True`` the distances of both directions are pooled before the mean (MONAI
+  ``SurfaceDistanceMetric(symmetric=True)``), not averaged per direction.
+
+  Args:
+    pred, target: ``(N, *spatial)`` binary masks (bool or {0, 1}), 1 to 3 spatial axes.
+    spacing: voxel size per spatial axis (a number for all), default 1.
+    symmetric: pool ``pred -> target`` and ``target -> pred``.
+
+  Returns:
+    ``(N,)`` float32; ``inf`` if exactly one mask is empty, ``nan`` if both are.
+
+  Raises:
+    ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing.
+  """
+  pred, target, spacing = _prepared("average_surface_distance", pred, target, spacing)
+  stats = _surface_statistics(pred, target, spacing, jnp.float32(-1.0), jnp.float32(0.0),
+                              both=bool(symmetric))
+  value = jnp.sum(stats["sum"], axis=0) / jnp.maximum(jnp.sum(stats["number"], axis=0), 1.0)
+  return _apply_empty_rule(value, stats["counts"], jnp.inf)
+
+
+def surface_dice(pred, target, *, tolerance, spacing=None):
+  """Normalised surface Dice: the fraction of both surfaces within ``tolerance`` of the other.
+
+  ``(|{p : d(p, T) <= tol}| + |{t : d(t, P) <= tol}|) / (|P| + |T|)`` over surface voxels, as
+  MONAI ``SurfaceDiceMetric`` (``use_subvoxels=False``).
+
+  Args:
+    pred, target: ``(N, *spatial)`` binary masks (bool or {0, 1}), 1 to 3 spatial axes.
+    tolerance: distance (in ``spacing`` units) within which a surface voxel counts as correct.
+    spacing: voxel size per spatial axis (a number for all), default 1.
+
+  Returns:
+    ``(N,)`` float32 in [0, 1]; 0 if exactly one mask is empty, ``nan`` if both are.
+
+  Raises:
+    ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing, negative or
+      non-finite tolerance.
+  """
+  fn = "surface_dice"
+  if not (np.isfinite(tolerance) and tolerance >= 0):
+    raise ValueError(f"{fn}: tolerance must be finite and >= 0; got {tolerance}")
+  pred, target, spacing = _prepared(fn, pred, target, spacing)
+  stats = _surface_statistics(pred, target, spacing, jnp.float32(-1.0), jnp.float32(tolerance),
+                              both=True)
+  total = jnp.sum(stats["counts"], axis=0).astype(jnp.float32)
+  value = jnp.sum(stats["close"], axis=0) / jnp.maximum(total, 1.0)
+  return _apply_empty_rule(value, stats["counts"], 0.0)
