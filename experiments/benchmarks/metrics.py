@@ -2,8 +2,11 @@
 
     python experiments/benchmarks/metrics.py [--repeats 5] [--only hd95,ssim_2d] [--scale 1.0]
 
-For every case: one warm-up call on each side (JAX compilation excluded), then the median wall
-time of ``--repeats`` calls; jaxmed results are pulled to the host inside the timed call. The
+Each side gets the same data in its native container, made before timing: NumPy arrays for
+scikit-image / scipy / scikit-learn, torch tensors for MONAI, device arrays (``jax.device_put``)
+for jaxmed, as in a JAX pipeline. For every case: one warm-up call on each side (JAX
+compilation excluded), then the median wall time of ``--repeats`` calls; jaxmed results are
+pulled to the host inside the timed call. The
 two results are compared (max relative difference) so a fast wrong answer shows up. Prints a
 Markdown table with the ratio reference time / jaxmed time (> 1: jaxmed is faster).
 
@@ -63,42 +66,45 @@ def cases(scale):
   """(name, input description, reference name, reference fn, jaxmed fn) per benchmark."""
   rng = np.random.default_rng(0)
   size = lambda n: max(8, int(round(n * scale)))
+  dev = jax.device_put
   out = []
 
   # SSIM 2D: 32 images 256^2, scikit-image defaults (uniform 7, sample covariance).
   n2 = size(256)
   x = rng.uniform(size=(32, n2, n2, 1)).astype(np.float32)
   y = np.clip(x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
+  xd, yd = dev(x), dev(y)
   out.append(("ssim_2d", f"32 x {n2}^2, skimage defaults", "skimage",
               lambda: np.array([skimage.metrics.structural_similarity(
                   a[..., 0], b[..., 0], data_range=1.0) for a, b in zip(x, y)]),
-              lambda: np.asarray(jm.ssim(x, y, data_range=1.0, window="uniform", win_size=7,
+              lambda: np.asarray(jm.ssim(xd, yd, data_range=1.0, window="uniform", win_size=7,
                                          sample_covariance=True, border="reflect_crop"))))
   out.append(("ssim_2d_gauss", f"32 x {n2}^2, Gaussian 11/1.5", "skimage",
               lambda: np.array([skimage.metrics.structural_similarity(
                   a[..., 0], b[..., 0], data_range=1.0, gaussian_weights=True,
                   use_sample_covariance=False) for a, b in zip(x, y)]),
-              lambda: np.asarray(jm.ssim(x, y, data_range=1.0, border="reflect_crop"))))
+              lambda: np.asarray(jm.ssim(xd, yd, data_range=1.0, border="reflect_crop"))))
 
   # SSIM 3D: one 128^3 volume; scikit-image (defaults) and MONAI (Gaussian 11/1.5, valid).
   n3 = size(128)
   v = rng.uniform(size=(1, n3, n3, n3, 1)).astype(np.float32)
   w = np.clip(v + 0.1 * rng.standard_normal(v.shape).astype(np.float32), 0, 1)
+  vd, wd = dev(v), dev(w)
   out.append(("ssim_3d", f"{n3}^3, skimage defaults", "skimage",
               lambda: np.array([skimage.metrics.structural_similarity(
                   v[0, ..., 0], w[0, ..., 0], data_range=1.0)]),
-              lambda: np.asarray(jm.ssim(v, w, data_range=1.0, window="uniform", win_size=7,
+              lambda: np.asarray(jm.ssim(vd, wd, data_range=1.0, window="uniform", win_size=7,
                                          sample_covariance=True, border="reflect_crop"))))
   tv, tw = (torch.from_numpy(np.moveaxis(a, -1, 1).copy()) for a in (v, w))
   monai_ssim = SSIMMetric(spatial_dims=3, data_range=1.0, reduction="none")
   out.append(("ssim_3d_gauss", f"{n3}^3, Gaussian 11/1.5 valid", "MONAI",
               lambda: monai_ssim(tv, tw).numpy().ravel(),
-              lambda: np.asarray(jm.ssim(v, w, data_range=1.0))))
+              lambda: np.asarray(jm.ssim(vd, wd, data_range=1.0))))
 
   out.append(("psnr", f"32 x {n2}^2", "skimage",
               lambda: np.array([skimage.metrics.peak_signal_noise_ratio(a, b, data_range=1.0)
                                 for a, b in zip(x, y)]),
-              lambda: np.asarray(jm.psnr(x, y, data_range=1.0))))
+              lambda: np.asarray(jm.psnr(xd, yd, data_range=1.0))))
 
   # Surface distances: 128^3 random blobs (surface everywhere) and two offset spheres.
   pairs = {"blobs": (blobs(rng, (n3,) * 3)[None], blobs(rng, (n3,) * 3)[None]),
@@ -106,6 +112,7 @@ def cases(scale):
                        spheres((n3,) * 3, (n3 // 2 + 2, n3 // 2 - 2, n3 // 2), 0.22 * n3)[None])}
   for kind, (p, t) in pairs.items():
     mp, mt = monai_masks(p, t)
+    p, t = dev(p), dev(t)
     desc = f"{n3}^3 {kind}"
     out.append(("hd95", desc, "MONAI",
                 lambda mp=mp, mt=mt: compute_hausdorff_distance(
@@ -125,31 +132,35 @@ def cases(scale):
                 lambda p=p, t=t: np.asarray(jm.surface_dice(p, t, tolerance=2.0))))
 
   p, _ = pairs["blobs"]
+  pd = dev(p)
   out.append(("edt", f"{n3}^3 blobs", "scipy",
               lambda: ndi.distance_transform_edt(p[0])[None],
-              lambda: np.asarray(jm.distance_transform_edt(p))))
+              lambda: np.asarray(jm.distance_transform_edt(pd))))
 
   # Dice: 4 volumes 128^3, 3 overlapping channels.
   d_pred = rng.uniform(size=(4, n3, n3, n3, 3)) > 0.5
   d_target = rng.uniform(size=(4, n3, n3, n3, 3)) > 0.5
   td_pred, td_target = (torch.from_numpy(np.moveaxis(a, -1, 1).astype(np.float32))
                         for a in (d_pred, d_target))
+  jd_pred, jd_target = dev(d_pred), dev(d_target)
   monai_dice = DiceMetric(include_background=True, reduction="none")
   out.append(("dice", f"4 x {n3}^3 x 3", "MONAI",
               lambda: monai_dice(td_pred, td_target).numpy(),
-              lambda: np.asarray(jm.dice(d_pred, d_target))))
+              lambda: np.asarray(jm.dice(jd_pred, jd_target))))
 
   # Classification / statistics: one million scores with ties.
   m = int(1e6 * scale**2) if scale < 1 else int(1e6)
   scores = np.round(rng.standard_normal(m), 3).astype(np.float32)
   labels = rng.uniform(size=m) < 1 / (1 + np.exp(-scores))
+  j_scores, j_labels = dev(scores), dev(labels)
   out.append(("roc_auc", f"{m} scores", "sklearn",
               lambda: np.array(sklearn.metrics.roc_auc_score(labels, scores)),
-              lambda: np.asarray(jm.roc_auc(scores, labels))))
+              lambda: np.asarray(jm.roc_auc(j_scores, j_labels))))
   other = (scores + rng.standard_normal(m)).astype(np.float32)
+  j_other = dev(other)
   out.append(("spearman", f"{m} pairs", "scipy",
               lambda: np.array(scipy.stats.spearmanr(scores, other).statistic),
-              lambda: np.asarray(jm.spearman(scores, other))))
+              lambda: np.asarray(jm.spearman(j_scores, j_other))))
   return out
 
 
@@ -171,8 +182,12 @@ def main():
       continue
     ref_value, ours_value = np.asarray(ref_fn(), np.float64), np.asarray(ours_fn(), np.float64)
     diff = np.max(np.abs(ours_value - ref_value) / np.maximum(np.abs(ref_value), 1e-12))
-    ref_s = median_seconds(ref_fn, args.repeats)
+    # A pause before each side: torch's OpenMP workers spin for a while after a parallel region
+    # and would otherwise steal the cores from whatever runs next.
+    time.sleep(0.5)
     ours_s = median_seconds(ours_fn, args.repeats)
+    time.sleep(0.5)
+    ref_s = median_seconds(ref_fn, args.repeats)
     print(f"| {name} | {desc} | {ref_name} | {1e3 * ref_s:.1f} | {1e3 * ours_s:.1f} | "
           f"{ref_s / ours_s:.1f}x | {diff:.1e} |", flush=True)
 

@@ -211,7 +211,7 @@ def _data_range(fn, data_range, n):
     raise ValueError(f"{fn}: data_range must be a number or have shape ({n},), one per batch "
                      f"item; got shape {data_range.shape}")
   if not _checks.is_traced(data_range) and not bool(
-      jnp.all(jnp.isfinite(data_range) & (data_range > 0))):
+      np.all(np.isfinite(np.asarray(data_range)) & (np.asarray(data_range) > 0))):
     raise ValueError(f"{fn}: data_range must be positive and finite; got {np.asarray(data_range)}")
   return data_range
 

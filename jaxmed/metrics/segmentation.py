@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.metrics._count import count_true
+
 
 def dice(pred, target, *, num_classes=None, include_background=True, empty=float("nan")):
   """Dice coefficient ``2 |P & T| / (|P| + |T|)`` per batch item and class.
@@ -55,9 +57,11 @@ def _dice(pred, target, *, num_classes, include_background, empty):
   if num_classes is not None:
     pred = jax.nn.one_hot(pred, num_classes, dtype=jnp.bool_)
     target = jax.nn.one_hot(target, num_classes, dtype=jnp.bool_)
-  pred, target = pred.astype(bool), target.astype(bool)
-  axes = tuple(range(1, pred.ndim - 1))
-  inter = jnp.sum(pred & target, axis=axes, dtype=jnp.float32)
-  total = jnp.sum(pred, axis=axes, dtype=jnp.float32) + jnp.sum(target, axis=axes, dtype=jnp.float32)
+  n, channels = pred.shape[0], pred.shape[-1]
+  # (N, C, V): channels first, so each count runs over one contiguous row.
+  pred, target = (jnp.moveaxis(x.astype(bool).reshape(n, -1, channels), -1, 1)
+                  for x in (pred, target))
+  inter = count_true(pred & target).astype(jnp.float32)
+  total = (count_true(pred) + count_true(target)).astype(jnp.float32)
   value = jnp.where(total > 0, 2.0 * inter / jnp.where(total > 0, total, 1.0), empty)
   return value if include_background else value[:, 1:]

@@ -35,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmed.metrics import _checks
+from jaxmed.metrics._count import count_true
 
 _FAR = 1e30  # squared distance standing for "no feature"; + any offset stays huge in float32
 _FIRST_WINDOW = 4
-_WINDOW_GROWTH = 3
+_WINDOW_GROWTH = 2
 _UNROLLED_WINDOW = 16
+_BLOCK = 4096
 _TAPS_PER_BLOCK = 8
 
 
@@ -135,37 +137,53 @@ def _inner_boundary(mask):
   return mask & ~eroded
 
 
-def _count_max_min(key, threshold):
-  """One pass over the last axis: ``#{key <= t}``, ``max{key <= t}`` (-1 if none) and
-  ``min{key > t}`` (inf if none).
+def _blocks(x, fill):
+  """(..., V) -> (..., B, _BLOCK), padding with ``fill``.
 
-  key: (..., V); threshold: (..., 1).  A variadic reduction, so XLA reads ``key`` once (three
-  separate reductions were 3x slower). Counts are float32 sums, exact below 2**24 per row.
+  Reductions run within blocks first, then over blocks: float32 counts stay exact (a float32
+  sum of 0/1 is exact only below 2**24) and float32 sums of distances stay accurate (one long
+  sequential sum drifted 5e-5 from MONAI's at 128^3; blocked, 1e-6).
   """
-  below = key <= threshold
+  pad = -x.shape[-1] % _BLOCK
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
+  return x.reshape(x.shape[:-1] + (-1, _BLOCK))
+
+
+def _count_max_min(key, thresholds):
+  """One pass over the last axis, per threshold ``t``: ``#{key <= t}`` (int32),
+  ``max{key <= t}`` (-1 if none) and ``min{key > t}`` (inf if none).
+
+  key: (..., V) float32; thresholds: (..., T).  Returns three (..., T) arrays. One variadic
+  reduction, so XLA reads ``key`` once (separate reductions were 3x slower).
+  """
+  key = _blocks(key, jnp.inf)[..., None, :, :]             # (..., 1, B, C)
+  below = key <= thresholds[..., :, None, None]             # (..., T, B, C)
   operands = (jnp.where(below, 1.0, 0.0), jnp.where(below, key, -1.0),
               jnp.where(below, jnp.inf, key))
 
   def combine(a, b):
     return a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])
 
-  return jax.lax.reduce(operands, (0.0, -1.0, jnp.inf), combine, (key.ndim - 1,))
+  count, largest, smallest = jax.lax.reduce(operands, (0.0, -1.0, jnp.inf), combine,
+                                            (below.ndim - 1,))
+  return (jnp.sum(count.astype(jnp.int32), axis=-1), jnp.max(largest, axis=-1),
+          jnp.min(smallest, axis=-1))
 
 
 def _quantile(values, valid, q):
   """``torch.quantile(values[valid], q)`` (linear interpolation) over the last axis, exactly.
 
-  values: (..., V) float32 >= 0; valid: (..., V) bool.  Order statistics are found by bisection
-  on the value, snapping each bound to an actual value, so the loop ends when one distinct value
-  is left (about log2(range / gap) passes over the data).
+  values: (..., V) float32 >= 0; valid: (..., V) bool.  The order statistic is found by
+  bisection on the value, each bound snapped to an actual value, so the loop ends when one
+  distinct value is left (about log2(range / gap) passes over the data; a 4-way search per pass
+  measured slower on CPU).
   """
-  if values.shape[-1] >= 2**24:
-    raise ValueError(f"surface distances: {values.shape[-1]} voxels per item (>= 2**24) would "
-                     "make the float32 counts inexact")
   key = jnp.where(valid, values, jnp.inf)
-  count, hi, _ = _count_max_min(key, jnp.full(key.shape[:-1] + (1,), np.finfo(np.float32).max))
-  position = q * jnp.maximum(count - 1.0, 0.0)
-  below = jnp.floor(position)
+  stats = lambda t: (x[..., 0] for x in _count_max_min(key, t[..., None]))
+  count, hi, _ = stats(jnp.full(key.shape[:-1], np.finfo(np.float32).max))
+  position = q * jnp.maximum(count - 1, 0).astype(jnp.float32)
+  below = jnp.floor(position).astype(jnp.int32)
 
   def unresolved(bounds):
     lo, hi = bounds
@@ -175,13 +193,13 @@ def _quantile(values, valid, q):
     lo, hi = bounds
     mid = lo + 0.5 * (hi - lo)
     mid = jnp.where(mid < hi, mid, lo)  # rounding may land on hi: test lo, still progress
-    n_le, max_le, min_gt = _count_max_min(key, mid[..., None])
-    enough = n_le >= below + 1.0
+    n_le, max_le, min_gt = stats(mid)
+    enough = n_le >= below + 1
     return jnp.where(enough, lo, min_gt), jnp.where(enough, max_le, hi)
 
   v_below, _ = jax.lax.while_loop(unresolved, bisect, (jnp.zeros_like(hi), hi))
-  n_le, _, next_up = _count_max_min(key, v_below[..., None])
-  v_above = jnp.where((n_le >= below + 2.0) | (position == below), v_below, next_up)
+  n_le, _, next_up = stats(v_below)
+  v_above = jnp.where((n_le >= below + 2) | (position == below), v_below, next_up)
   return v_below + (position - below) * (v_above - v_below)
 
 
@@ -208,17 +226,20 @@ def _surface_statistics(pred, target, spacing, quantile, tolerance, both):
   query = jnp.concatenate([edge_pred, edge_target] if both else [edge_pred])
   dist = jnp.sqrt(_squared_edt(features, query, spacing)).reshape(-1, n, pred[0].size)
   valid = query.reshape(dist.shape)
-  operands = (jnp.where(valid, dist, -1.0), jnp.where(valid, dist, 0.0),
-              jnp.where(valid, 1.0, 0.0), jnp.where(valid & (dist <= tolerance), 1.0, 0.0))
+  blocked, blocked_valid = _blocks(dist, 0.0), _blocks(valid, False)
+  operands = (jnp.where(blocked_valid, blocked, -1.0), jnp.where(blocked_valid, blocked, 0.0),
+              jnp.where(blocked_valid, 1.0, 0.0),
+              jnp.where(blocked_valid & (blocked <= tolerance), 1.0, 0.0))
 
   def combine(a, b):
     return jnp.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3]
 
-  largest, total, number, close = jax.lax.reduce(operands, (-1.0, 0.0, 0.0, 0.0), combine, (2,))
+  largest, total, number, close = jax.lax.reduce(operands, (-1.0, 0.0, 0.0, 0.0), combine, (3,))
+  largest, total = jnp.max(largest, axis=-1), jnp.sum(total, axis=-1)
+  number, close = (jnp.sum(x.astype(jnp.int32), axis=-1) for x in (number, close))
   at_quantile = jax.lax.cond(quantile >= 0, lambda: _quantile(dist, valid, quantile),
                              lambda: largest)
-  counts = jnp.stack([jnp.sum(edge_pred.reshape(n, -1), axis=1, dtype=jnp.int32),
-                      jnp.sum(edge_target.reshape(n, -1), axis=1, dtype=jnp.int32)])
+  counts = jnp.stack([count_true(edge_pred.reshape(n, -1)), count_true(edge_target.reshape(n, -1))])
   return {"max": largest, "quantile": at_quantile, "sum": total, "number": number,
           "close": close, "counts": counts}
 
@@ -359,7 +380,8 @@ def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
   pred, target, spacing = _prepared("average_surface_distance", pred, target, spacing)
   stats = _surface_statistics(pred, target, spacing, jnp.float32(-1.0), jnp.float32(0.0),
                               both=bool(symmetric))
-  value = jnp.sum(stats["sum"], axis=0) / jnp.maximum(jnp.sum(stats["number"], axis=0), 1.0)
+  number = jnp.maximum(jnp.sum(stats["number"], axis=0), 1).astype(jnp.float32)
+  value = jnp.sum(stats["sum"], axis=0) / number
   return _apply_empty_rule(value, stats["counts"], jnp.inf)
 
 
@@ -388,5 +410,5 @@ def surface_dice(pred, target, *, tolerance, spacing=None):
   stats = _surface_statistics(pred, target, spacing, jnp.float32(-1.0), jnp.float32(tolerance),
                               both=True)
   total = jnp.sum(stats["counts"], axis=0).astype(jnp.float32)
-  value = jnp.sum(stats["close"], axis=0) / jnp.maximum(total, 1.0)
+  value = jnp.sum(stats["close"], axis=0).astype(jnp.float32) / jnp.maximum(total, 1.0)
   return _apply_empty_rule(value, stats["counts"], 0.0)

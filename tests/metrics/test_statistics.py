@@ -125,7 +125,7 @@ def test_bad_input():
     linear_cka(np.zeros((5, 2)), np.zeros((4, 2)))
   with pytest.raises(ValueError, match="linear_cka: y contains NaN"):
     linear_cka(np.zeros((5, 2)), np.full((5, 3), np.nan))
-  with pytest.raises(ValueError, match="spearman: x must be a numeric array"):
+  with pytest.raises(ValueError, match="spearman: x must be numeric or bool"):
     spearman(np.array(["a", "b"]), np.zeros(2))
 
 

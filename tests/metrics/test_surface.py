@@ -69,7 +69,7 @@ def test_edt_without_background_is_inf():
   assert np.all(np.isinf(np.asarray(distance_transform_edt(mask))))
 
 
-@pytest.mark.parametrize("shape,spacing", CASES)
+@pytest.mark.parametrize("shape,spacing", CASES + [((70, 64), (1.0, 0.6))])  # > 1 block
 def test_hausdorff_matches_monai(shape, spacing):
   rng = np.random.default_rng(sum(shape))
   pred, target = _edge_cases(rng, shape)
