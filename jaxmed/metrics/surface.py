@@ -244,6 +244,22 @@ def _surface_statistics(pred, target, spacing, quantile, tolerance, both):
           "close": close, "counts": counts}
 
 
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _finish(stats, metric):
+  """Per-item value of ``metric`` from ``_surface_statistics`` (jitted: one dispatch, not ten)."""
+  counts = stats["counts"]
+  if metric == "hausdorff":
+    return _apply_empty_rule(jnp.max(stats["max"], axis=0), counts, jnp.inf)
+  if metric == "hausdorff_quantile":
+    return _apply_empty_rule(jnp.max(stats["quantile"], axis=0), counts, jnp.inf)
+  if metric == "average_surface_distance":
+    number = jnp.maximum(jnp.sum(stats["number"], axis=0), 1).astype(jnp.float32)
+    return _apply_empty_rule(jnp.sum(stats["sum"], axis=0) / number, counts, jnp.inf)
+  total = jnp.maximum(jnp.sum(counts, axis=0), 1).astype(jnp.float32)
+  close = jnp.sum(stats["close"], axis=0).astype(jnp.float32)
+  return _apply_empty_rule(close / total, counts, 0.0)
+
+
 @jax.jit
 def _edt_kernel(mask, spacing):
   sq = _squared_edt(~mask, mask, spacing)
@@ -296,7 +312,7 @@ def _masks(fn: str, pred, target):
 
 def _prepared(fn: str, pred, target, spacing):
   pred, target = _masks(fn, pred, target)
-  spacing = jnp.asarray(_checks.spacing_tuple(fn, spacing, pred.ndim - 1), jnp.float32)
+  spacing = np.asarray(_checks.spacing_tuple(fn, spacing, pred.ndim - 1), np.float32)
   if not (_checks.is_traced(pred) or _checks.is_traced(target)):
     pred, target = _crop_to_union(pred, target)
   return pred, target, spacing
@@ -325,7 +341,7 @@ def distance_transform_edt(mask, spacing=None):
   mask = _checks.as_array(fn, "mask", mask)
   _checks.rank_in(fn, "mask", mask, (2, 3, 4), "(N, *spatial) with 1 to 3 spatial axes")
   _checks.binary(fn, "mask", mask)
-  spacing = jnp.asarray(_checks.spacing_tuple(fn, spacing, mask.ndim - 1), jnp.float32)
+  spacing = np.asarray(_checks.spacing_tuple(fn, spacing, mask.ndim - 1), np.float32)
   return _edt_kernel(mask.astype(bool), spacing)
 
 
@@ -354,10 +370,9 @@ def hausdorff_distance(pred, target, *, percentile=None, spacing=None, directed=
     raise ValueError(f"{fn}: percentile must be None or in [0, 100]; got {percentile}")
   pred, target, spacing = _prepared(fn, pred, target, spacing)
   quantile = -1.0 if percentile is None else float(percentile) / 100.0
-  stats = _surface_statistics(pred, target, spacing, jnp.float32(quantile), jnp.float32(0.0),
+  stats = _surface_statistics(pred, target, spacing, np.float32(quantile), np.float32(0.0),
                               both=not directed)
-  value = jnp.max(stats["max" if percentile is None else "quantile"], axis=0)
-  return _apply_empty_rule(value, stats["counts"], jnp.inf)
+  return _finish(stats, "hausdorff" if percentile is None else "hausdorff_quantile")
 
 
 def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
@@ -378,11 +393,9 @@ def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
     ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing.
   """
   pred, target, spacing = _prepared("average_surface_distance", pred, target, spacing)
-  stats = _surface_statistics(pred, target, spacing, jnp.float32(-1.0), jnp.float32(0.0),
+  stats = _surface_statistics(pred, target, spacing, np.float32(-1.0), np.float32(0.0),
                               both=bool(symmetric))
-  number = jnp.maximum(jnp.sum(stats["number"], axis=0), 1).astype(jnp.float32)
-  value = jnp.sum(stats["sum"], axis=0) / number
-  return _apply_empty_rule(value, stats["counts"], jnp.inf)
+  return _finish(stats, "average_surface_distance")
 
 
 def surface_dice(pred, target, *, tolerance, spacing=None):
@@ -407,8 +420,6 @@ def surface_dice(pred, target, *, tolerance, spacing=None):
   if not (np.isfinite(tolerance) and tolerance >= 0):
     raise ValueError(f"{fn}: tolerance must be finite and >= 0; got {tolerance}")
   pred, target, spacing = _prepared(fn, pred, target, spacing)
-  stats = _surface_statistics(pred, target, spacing, jnp.float32(-1.0), jnp.float32(tolerance),
+  stats = _surface_statistics(pred, target, spacing, np.float32(-1.0), np.float32(tolerance),
                               both=True)
-  total = jnp.sum(stats["counts"], axis=0).astype(jnp.float32)
-  value = jnp.sum(stats["close"], axis=0).astype(jnp.float32) / jnp.maximum(total, 1.0)
-  return _apply_empty_rule(value, stats["counts"], 0.0)
+  return _finish(stats, "surface_dice")
