@@ -2,9 +2,9 @@
 
 from jaxmed.metrics.classification import accuracy, roc_auc, sensitivity_specificity
 from jaxmed.metrics.image import mae, mse, nmse, psnr, ssim
-from jaxmed.metrics.perceptual import max_normalize, two_afc_score
 from jaxmed.metrics.segmentation import dice
-from jaxmed.metrics.statistics import linear_cka, pearson, spearman
+from jaxmed.metrics.statistics import (linear_cka, max_normalize, pearson, spearman,
+                                       two_afc_score)
 from jaxmed.metrics.surface import (average_surface_distance, distance_transform_edt,
                                     hausdorff_distance, surface_dice)
 
