@@ -39,6 +39,15 @@ def same_shape(fn: str, a_name: str, a, b_name: str, b) -> None:
     raise ValueError(f"{fn}: {a_name} shape {np.shape(a)} != {b_name} shape {np.shape(b)}")
 
 
+def vectors(fn: str, a_name: str, a, b_name: str, b):
+  """Two inputs as arrays of one shape ``(..., n)`` (at least one axis)."""
+  a, b = as_array(fn, a_name, a), as_array(fn, b_name, b)
+  same_shape(fn, a_name, a, b_name, b)
+  if a.ndim < 1:
+    raise ValueError(f"{fn}: {a_name} must be (..., n) with at least 1 axis; got shape {a.shape}")
+  return a, b
+
+
 def rank_in(fn: str, name: str, x, ranks, layout: str) -> None:
   """Raise unless ``x.ndim`` is one of ``ranks``; ``layout`` says what the axes mean."""
   if np.ndim(x) not in tuple(ranks):

@@ -6,13 +6,11 @@ All functions reduce over the last axis ``(..., n) -> (...)`` and treat leading 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxmed.metrics import _checks
-from jaxmed.metrics.statistics import sortable_keys
+from jaxmed.metrics.statistics import count_below, sortable_keys
 
 
 def roc_auc(scores, labels):
@@ -37,9 +35,7 @@ def roc_auc(scores, labels):
     ValueError: shape mismatch, a 0-d input, non-numeric input, NaN/Inf in concrete ``scores``,
       or concrete ``labels`` other than 0/1.
   """
-  scores = _checks.as_array("roc_auc", "scores", scores)
-  labels = _checks.as_array("roc_auc", "labels", labels)
-  _check_vectors("roc_auc", "scores", scores, "labels", labels)
+  scores, labels = _checks.vectors("roc_auc", "scores", scores, "labels", labels)
   _checks.finite("roc_auc", "scores", scores)
   _checks.binary("roc_auc", "labels", labels)
   return _roc_auc(scores, labels)
@@ -62,9 +58,7 @@ def sensitivity_specificity(pred, labels):
   Raises:
     ValueError: shape mismatch, a 0-d input, non-numeric input, or concrete values other than 0/1.
   """
-  pred = _checks.as_array("sensitivity_specificity", "pred", pred)
-  labels = _checks.as_array("sensitivity_specificity", "labels", labels)
-  _check_vectors("sensitivity_specificity", "pred", pred, "labels", labels)
+  pred, labels = _checks.vectors("sensitivity_specificity", "pred", pred, "labels", labels)
   _checks.binary("sensitivity_specificity", "pred", pred)
   _checks.binary("sensitivity_specificity", "labels", labels)
   return _sensitivity_specificity(pred, labels)
@@ -84,20 +78,12 @@ def accuracy(pred, labels):
     ValueError: shape mismatch, a 0-d input, or a floating-point (or other non-integer) dtype;
       compare class labels, not probabilities.
   """
-  pred = _checks.as_array("accuracy", "pred", pred)
-  labels = _checks.as_array("accuracy", "labels", labels)
-  _check_vectors("accuracy", "pred", pred, "labels", labels)
+  pred, labels = _checks.vectors("accuracy", "pred", pred, "labels", labels)
   for name, x in (("pred", pred), ("labels", labels)):
     if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
       raise ValueError(f"accuracy: {name} must hold integer or bool class labels; got dtype "
                        f"{x.dtype}")
   return _accuracy(pred, labels)
-
-
-def _check_vectors(fn: str, a_name: str, a, b_name: str, b) -> None:
-  _checks.same_shape(fn, a_name, a, b_name, b)
-  if a.ndim < 1:
-    raise ValueError(f"{fn}: {a_name} must be (..., n) with at least 1 axis; got shape {a.shape}")
 
 
 @jax.jit
@@ -108,10 +94,8 @@ def _roc_auc(scores, labels):
   negatives = jnp.sort(jnp.where(labels, jnp.iinfo(jnp.int32).max, keys), axis=-1)
   n_pos = jnp.sum(labels, axis=-1, dtype=jnp.int32)
   n_neg = scores.shape[-1] - n_pos
-  count = lambda side: jnp.vectorize(functools.partial(jnp.searchsorted, side=side),
-                                     signature="(n),(n)->(n)")(negatives, keys)
-  below = jnp.minimum(count("left"), n_neg[..., None])    # negatives scoring lower
-  at_most = jnp.minimum(count("right"), n_neg[..., None])  # ... lower or tied
+  below, at_most = (jnp.minimum(c, n_neg[..., None]) for c in count_below(negatives, keys))
+  # below: negatives scoring lower; at_most: lower or tied
   # U / (P N): per positive, the fraction of negatives it beats (ties 1/2), averaged.
   denominator = jnp.maximum(2 * n_neg, 1).astype(jnp.float32)[..., None]
   wins = jnp.where(labels, (below + at_most).astype(jnp.float32) / denominator, 0.0)

@@ -113,18 +113,16 @@ def two_afc_score(d0, d1, judge):
       a concrete ``judge`` outside ``[0, 1]``.
   """
   fn = "two_afc_score"
-  d0 = _checks.as_array(fn, "d0", d0)
-  d1 = _checks.as_array(fn, "d1", d1)
+  d0, d1 = _checks.vectors(fn, "d0", d0, "d1", d1)
   judge = _checks.as_array(fn, "judge", judge)
-  _checks.same_shape(fn, "d0", d0, "d1", d1)
   _checks.same_shape(fn, "d0", d0, "judge", judge)
-  if d0.ndim < 1:
-    raise ValueError(f"{fn}: d0 must be (..., n) with at least 1 axis; got shape {d0.shape}")
   for name, x in (("d0", d0), ("d1", d1), ("judge", judge)):
     _checks.finite(fn, name, x)
-  if not _checks.is_traced(judge) and not bool(jnp.all((judge >= 0) & (judge <= 1))):
-    raise ValueError(f"{fn}: judge must lie in [0, 1] (fraction of humans preferring d1's "
-                     f"distortion); got range [{float(jnp.min(judge))}, {float(jnp.max(judge))}]")
+  if not _checks.is_traced(judge):
+    values = np.asarray(judge)
+    if not np.all((values >= 0) & (values <= 1)):
+      raise ValueError(f"{fn}: judge must lie in [0, 1] (fraction of humans preferring d1's "
+                       f"distortion); got range [{values.min()}, {values.max()}]")
   return _two_afc_score(d0, d1, judge)
 
 
@@ -147,18 +145,14 @@ def max_normalize(d):
   if d.ndim < 1:
     raise ValueError(f"max_normalize: d must be (..., n) with at least 1 axis; got shape {d.shape}")
   _checks.finite("max_normalize", "d", d)
-  if not _checks.is_traced(d) and not bool(jnp.all(d >= 0)):
+  if not _checks.is_traced(d) and np.asarray(d).min(initial=0) < 0:
     raise ValueError(f"max_normalize: d must be non-negative distances; got minimum "
-                     f"{float(jnp.min(d))} in shape {d.shape} {d.dtype}")
+                     f"{np.asarray(d).min()} in shape {d.shape} {d.dtype}")
   return _max_normalize(d)
 
 
 def _validate(fn: str, x, y):
-  x = _checks.as_array(fn, "x", x)
-  y = _checks.as_array(fn, "y", y)
-  _checks.same_shape(fn, "x", x, "y", y)
-  if x.ndim < 1:
-    raise ValueError(f"{fn}: x must be (..., n) with at least 1 axis; got shape {x.shape}")
+  x, y = _checks.vectors(fn, "x", x, "y", y)
   _checks.finite(fn, "x", x)
   _checks.finite(fn, "y", y)
   return x, y
@@ -204,10 +198,19 @@ def _average_ranks(x):
   than floats or (value, index) pairs (measured at 1e6: 53 vs 430 / 400 ms).
   """
   keys = sortable_keys(x)
-  ordered = jnp.sort(keys, axis=-1)
-  count = lambda side: jnp.vectorize(functools.partial(jnp.searchsorted, side=side),
-                                     signature="(n),(n)->(n)")(ordered, keys)
-  return (count("left") + count("right") + 1).astype(jnp.float32) / 2
+  less, at_most = count_below(jnp.sort(keys, axis=-1), keys)
+  return (less + at_most + 1).astype(jnp.float32) / 2
+
+
+def count_below(ordered, keys):
+  """Per key, ``#{ordered < key}`` and ``#{ordered <= key}`` by binary search; traceable.
+
+  ordered: (..., m) ascending; keys: (..., n) with the same leading axes.  Returns two
+  (..., n) int32 arrays.
+  """
+  search = lambda side: jnp.vectorize(functools.partial(jnp.searchsorted, side=side),
+                                      signature="(m),(n)->(n)")(ordered, keys)
+  return search("left"), search("right")
 
 
 def sortable_keys(x):
