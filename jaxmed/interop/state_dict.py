@@ -110,7 +110,8 @@ def module_rule(prefix_of: Callable[[tuple[str, ...]], str | None]) -> Rule:
 # Reading.
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
+  """A NumPy array of a torch tensor (bfloat16 widened to float32) or any array-like."""
   if isinstance(value, np.ndarray):
     return value
   detach = getattr(value, "detach", None)
@@ -192,7 +193,7 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None) -> dict[
     except Exception as e:  # unpickling errors of every kind
       raise ValueError(f"cannot read PyTorch checkpoint {path!r}: {type(e).__name__}: {e}") from e
   mapping = _unwrap(obj, path, key)
-  return {str(k): _to_numpy(v) for k, v in mapping.items() if _is_tensor(v)}
+  return {str(k): to_numpy(v) for k, v in mapping.items() if _is_tensor(v)}
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefixes: Iterable[str]) -> dict[str, Any]:
@@ -292,11 +293,17 @@ def convert(state_dict: Mapping[str, Any], template: Any, rule: Rule, *, strict:
         values.append(np.asarray(leaf))
       continue
     used.add(target)
-    value = _to_numpy(state[target])
+    value = to_numpy(state[target])
     if transform is None:
       transform = default_transform(names[-1], value.ndim)
     if transform is not None:
-      value = transform(value)
+      try:
+        value = transform(value)
+      except ValueError:  # e.g. a conv-kernel transpose of a 1D norm weight
+        mismatched.append(f"{target} {tuple(value.shape)} -> {flax_name}: cannot be "
+                          f"transposed to the Flax layout, expected {tuple(leaf.shape)}")
+        values.append(None)
+        continue
     if tuple(value.shape) != tuple(leaf.shape):
       mismatched.append(f"{target} {tuple(np.shape(state[target]))} -> {flax_name} "
                         f"{tuple(value.shape)}, expected {tuple(leaf.shape)}")

@@ -167,3 +167,11 @@ def test_load_errors_name_the_file(tmp_path):
   torch.save([torch.zeros(1)], listed)
   with pytest.raises(ValueError, match="holds a list, not a state dict"):
     load_state_dict(listed)
+
+
+def test_wrong_rank_is_a_listed_mismatch(torch_model, template):
+  sd = dict(torch_model.state_dict())
+  sd["conv.weight"] = torch.zeros(4)  # a norm weight where a conv kernel belongs
+  with pytest.raises(ValueError, match=r"conv\.weight \(4,\) -> params/conv/kernel: cannot be "
+                     r"transposed"):
+    convert(sd, template, _RULE, ignore=["*num_batches_tracked"])
