@@ -1,0 +1,254 @@
+"""MONAI Swin UNETR checkpoints -> :mod:`jaxmed.models.swin_unetr` variables.
+
+Accepted key layouts (all mapped to MONAI 1.6 ``SwinUNETR`` names first):
+
+* MONAI ``SwinUNETR``: ``swinViT.layers1.0.blocks.0.norm1.weight``,
+  ``encoder1.layer.conv1.conv.weight``, ``decoder5.transp_conv.conv.weight``,
+  ``out.conv.conv.weight``, ... (optionally under ``module.``);
+* a bare MONAI ``SwinTransformer`` (``patch_embed.proj.weight``, ``layers1.0...``), e.g. the
+  self-supervised Swin UNETR release ``model_swinvit.pt`` (``module.layers1.0...``, MLP
+  ``fc1`` / ``fc2``), or the ``SSLHead`` of research-contributions (``swin_vit.``);
+* the DAE pre-training checkpoints (``encoder.layers1.0.0.blocks...``, ``encoder.mask_token``,
+  ``encoder.norm.*``, decoder heads).
+
+Checkpoints of the second and third kind are *pre-training* checkpoints: everything outside the
+encoder (``mask_token``, the final ``norm.*``, rotation / contrastive / reconstruction heads,
+their ``out.*``) is reported in :attr:`Converted.unused` and allowed even when ``strict``; so are
+``num_batches_tracked`` counters and ``attn_mask`` buffers (the latter depend on the input size
+and are recomputed by the model). When the template is the bare encoder, every key outside the
+encoder is likewise reported and allowed. ``relative_position_index`` buffers are checked to
+equal the index the model computes for its window and are then consumed (a mismatch is an
+error); they are not parameters.
+
+The published self-supervised Swin UNETR and DAE weights were trained with MONAI's pre-2025
+``PatchMerging`` octant order: build the model with ``downsample="merging_legacy"`` (3D) to run
+them exactly; ``legacy=True`` checks that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxmed.interop.state_dict import (Converted, conv_transpose_kernel, convert,
+                                       default_torch_name, load_state_dict)
+from jaxmed.models.swin_unetr import relative_position_index
+
+_ENCODER_ROOT = re.compile(r"^(patch_embed|layers\d*c?|norm|mask_token)(\.|$)")
+_DECODER_ROOT = re.compile(r"^(encoder(1|2|3|4|10)|decoder[1-5]|out)\.")
+_ALWAYS_EXTRA = re.compile(r"(^|\.)(num_batches_tracked|attn_mask)$")
+_ENCODER_EXTRA = re.compile(r"^swinViT\.(mask_token|norm\.|layers\.)")
+
+
+def canonical_key(key: str) -> tuple[str, bool]:
+  """A checkpoint key in MONAI ``SwinUNETR`` naming, and whether it came from a pre-training layout.
+
+  Strips ``module.``; ``swin_vit.`` / ``encoder.`` / bare encoder roots become ``swinViT.``;
+  DAE's ``layers1.0.0.`` becomes ``layers1.0.``; MLP ``fc1`` / ``fc2`` become ``linear1`` /
+  ``linear2``. Other keys are returned as they are (``encoder1.layer...``, heads, ...).
+  """
+  k = key
+  while k.startswith("module."):
+    k = k[len("module."):]
+  pretraining = False
+  if k.startswith("swinViT."):
+    enc = k[len("swinViT."):]
+  elif k.startswith("swin_vit."):
+    enc, pretraining = k[len("swin_vit."):], True
+  elif k.startswith("encoder."):
+    enc, pretraining = k[len("encoder."):], True
+  elif _ENCODER_ROOT.match(k):
+    enc, pretraining = k, True
+  else:
+    return k, False
+  enc = re.sub(r"^(layers\d+c?)\.0\.0\.", r"\1.0.", enc)
+  enc = re.sub(r"\.mlp\.fc([12])\.", r".mlp.linear\1.", enc)
+  return "swinViT." + enc, pretraining
+
+
+def _module_key(modules: Sequence[str]) -> tuple[str, bool]:
+  """Flax module path (inside SwinUNETR) -> MONAI module prefix, and whether it is an UpConv."""
+  parts, transposed = [], False
+  for i, name in enumerate(modules):
+    if re.fullmatch(r"layers\d+c?", name):
+      parts += [name, "0"]
+    elif name.startswith("blocks_"):
+      parts += ["blocks", name[len("blocks_"):]]
+    elif name in ("conv1", "conv2", "conv3"):
+      parts += [name, "conv"]
+    elif name == "transp_conv":
+      parts += [name, "conv"]
+      transposed = True
+    elif name == "out" and i == 0:
+      parts += ["out", "conv", "conv"]
+    else:
+      parts.append(name)
+  return ".".join(parts), transposed
+
+
+def _template_info(template: Any) -> tuple[bool, int, list[int]]:
+  """(is the bare encoder, spatial dims, bias-table row counts) of a SwinUNETR/encoder template."""
+  params = template.get("params", {}) if isinstance(template, Mapping) else {}
+  if "swinViT" in params:
+    encoder, bare = params["swinViT"], False
+  elif "patch_embed" in params:
+    encoder, bare = params, True
+  else:
+    raise ValueError("template must hold the variables of a SwinUNETR (params/swinViT/...) or a "
+                     f"SwinTransformer (params/patch_embed/...); got params keys {sorted(params)}")
+  dims = len(encoder["patch_embed"]["proj"]["kernel"].shape) - 2
+  rows = [leaf.shape[0] for path, leaf in jax.tree_util.tree_flatten_with_path(encoder)[0]
+          if str(getattr(path[-1], "key", "")) == "relative_position_bias_table"]
+  return bare, dims, rows
+
+
+def _window_of(rows: list[int], dims: int, window_size) -> tuple[int, ...] | None:
+  if window_size is not None:
+    window = ((int(window_size),) * dims if isinstance(window_size, (int, np.integer))
+              else tuple(int(w) for w in window_size))
+    if len(window) != dims:
+      raise ValueError(f"window_size must have {dims} entries; got window_size={window_size}")
+    return window
+  if not rows:
+    return None
+  r = rows[0]
+  w = int(round((r ** (1.0 / dims) + 1) / 2))
+  if (2 * w - 1) ** dims != r:
+    raise ValueError(f"cannot infer the window from a bias table of {r} rows (not (2w-1)**{dims});"
+                     " pass window_size=")
+  return (w,) * dims
+
+
+def swin_unetr_from_torch(state_dict: Mapping[str, Any], template: Any, *, strict: bool = True,
+                          legacy: bool | None = None, downsample: str | None = None,
+                          window_size: int | Sequence[int] | None = None,
+                          ignore: Iterable[str] = (), name: str = "checkpoint") -> Converted:
+  """Converts a MONAI Swin UNETR / Swin encoder state dict into Flax variables.
+
+  Args:
+    state_dict: ``{key: tensor}`` in any layout of the module docstring.
+    template: variables (or ``jax.eval_shape`` of ``init``) of
+      :class:`~jaxmed.models.swin_unetr.SwinUNETR` or of the bare
+      :class:`~jaxmed.models.swin_unetr.SwinTransformer`.
+    strict: every Flax leaf must be present and every key used, apart from the allowed extras
+      of the module docstring. With ``strict=False`` missing leaves keep the template's values
+      (pass real variables then), e.g. the decoder when loading an encoder-only checkpoint.
+    legacy: whether the checkpoint was trained with the pre-2025 MONAI ``PatchMerging`` order
+      (True for the published self-supervised Swin UNETR and DAE weights). Checked against
+      ``downsample`` when both are given (3D only; in 2D all orders agree). None: not checked.
+    downsample: the ``downsample`` of the model the template belongs to.
+    window_size: the model's window, to check ``relative_position_index`` buffers against;
+      inferred from the bias table (cubic window) when None.
+    ignore: extra ``fnmatch`` patterns of checkpoint keys that may stay unused when strict.
+    name: how errors refer to the checkpoint.
+
+  Returns:
+    :class:`~jaxmed.interop.state_dict.Converted` (``unused`` in the checkpoint's own key names).
+
+  Raises:
+    ValueError: shape mismatches (listing every key), missing / unexpected keys when strict, a
+    ``relative_position_index`` that differs from the model's, two keys that name the same
+    parameter, or ``legacy`` contradicting ``downsample``.
+  """
+  bare, dims, rows = _template_info(template)
+  if legacy is not None and downsample is not None and dims == 3:
+    if legacy and downsample != "merging_legacy":
+      raise ValueError(f"{name} was trained with the pre-2025 PatchMerging order (legacy=True) "
+                       f"but the model uses downsample={downsample!r}; build it with "
+                       "downsample='merging_legacy'")
+    if not legacy and downsample == "merging_legacy":
+      raise ValueError(f"{name} uses the current PatchMerging order (legacy=False) but the model "
+                       "uses downsample='merging_legacy'; build it with 'merging' or 'mergingv2'")
+
+  canon: dict[str, str] = {}
+  pretraining = False
+  state: dict[str, Any] = {}
+  index_keys = []
+  for key, value in state_dict.items():
+    key = str(key)
+    c, pre = canonical_key(key)
+    pretraining |= pre
+    if c in canon:
+      raise ValueError(f"{name}: keys {canon[c]!r} and {key!r} both name {c!r}")
+    canon[c] = key
+    if c.endswith(".relative_position_index"):
+      index_keys.append((key, value))
+    else:
+      state[key] = value
+
+  bad_index = []
+  if index_keys:
+    window = _window_of(rows, dims, window_size)
+    if window is None:
+      raise ValueError(f"{name} has relative_position_index buffers but the template has no "
+                       "attention layers")
+    expected = relative_position_index(window)
+    for key, value in index_keys:
+      value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+      if value.shape != expected.shape or not np.array_equal(value, expected):
+        bad_index.append(f"{key} {tuple(value.shape)}")
+  if bad_index:
+    raise ValueError(f"{name}: relative_position_index buffer(s) differ from the index of the "
+                     f"model's window {window} (expected shape {expected.shape}): "
+                     + ", ".join(bad_index[:30]))
+
+  ignore = tuple(ignore)
+  feeding: dict[str, str] = {}  # canonical key -> checkpoint key, for keys the model may use
+  extras, unexpected = [], []
+  for c, key in canon.items():
+    if key not in state:
+      continue
+    if _ALWAYS_EXTRA.search(c) or _ENCODER_EXTRA.match(c):
+      extras.append(key)
+    elif c.startswith("swinViT."):
+      feeding[c] = key
+    elif pretraining or bare:
+      extras.append(key)  # a pre-training head, or a decoder the encoder template lacks
+    elif _DECODER_ROOT.match(c):
+      feeding[c] = key
+    else:
+      unexpected.append(key)  # unknown to SwinUNETR: convert reports it (strict: an error)
+
+  def rule(path: tuple[str, ...]):
+    modules = ("swinViT",) + path[1:-1] if bare else path[1:-1]
+    prefix, transposed = _module_key(modules)
+    c = f"{prefix}.{default_torch_name(path[-1])}"
+    key = feeding.get(c, c)
+    if transposed and path[-1] == "kernel":
+      return key, conv_transpose_kernel
+    return key
+
+  fed = {k: state[k] for k in (*feeding.values(), *unexpected)}
+  result = convert(fed, template, rule, strict=strict, ignore=ignore, name=name)
+  return Converted(variables=result.variables, missing=result.missing,
+                   unused=tuple(result.unused) + tuple(extras))
+
+
+def load_swin_unetr(path: str | os.PathLike, model: Any, template_or_variables: Any, *,
+                    key: str | None = None, strict: bool = True, legacy: bool | None = None,
+                    ignore: Iterable[str] = ()) -> Converted:
+  """Reads a checkpoint file (``.pth`` / ``.pt`` / ``.safetensors``) and converts it for ``model``.
+
+  Args:
+    path: the checkpoint; a dict wrapping the weights (``state_dict``, ``model``, ...) is
+      unwrapped as by :func:`~jaxmed.interop.state_dict.load_state_dict`.
+    model: the :class:`~jaxmed.models.swin_unetr.SwinUNETR` or
+      :class:`~jaxmed.models.swin_unetr.SwinTransformer` the variables are for (its window and
+      downsample mode are used for the checks).
+    template_or_variables: ``jax.eval_shape(model.init, ...)`` or real variables (needed when
+      ``strict=False`` leaves leaves missing).
+    key: the entry of the file holding the weights, when not found automatically.
+    strict, legacy, ignore: as in :func:`swin_unetr_from_torch`.
+
+  Returns:
+    :class:`~jaxmed.interop.state_dict.Converted`.
+  """
+  state = load_state_dict(path, key=key)
+  return swin_unetr_from_torch(state, template_or_variables, strict=strict, legacy=legacy,
+                               downsample=getattr(model, "downsample", None),
+                               window_size=getattr(model, "window_size", None), ignore=ignore,
+                               name=os.fspath(path))

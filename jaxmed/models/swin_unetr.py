@@ -1,0 +1,912 @@
+"""Swin UNETR (2D / 3D), numerically equal to MONAI 1.6 ``monai.networks.nets.SwinUNETR``.
+
+Hatamizadeh et al., "Swin UNETR: Swin Transformers for Semantic Segmentation of Brain Tumors in
+MRI Images" (arXiv:2201.01266); Swin UNETR v2 (``use_v2``): He et al., "SwinUNETR-V2" (MICCAI
+2023). Channels-last: images ``(N, H, W, C)``, volumes ``(N, D, H, W, C)``.
+
+Module names mirror MONAI's attribute names, so a converted checkpoint maps one to one
+(``jaxmed.interop.swin_unetr``)::
+
+  swinViT                    SwinTransformer (the encoder; usable on its own)
+    patch_embed/proj         patch embedding, conv with kernel = stride = patch_size
+    patch_embed/norm         LayerNorm, only with ``patch_norm``
+    layers{i}c, i=1..4       (``use_v2``) UnetrBasicBlock before stage i
+    layers{i}                BasicLayer: blocks_{j} (SwinTransformerBlock) + downsample
+  encoder1..4, encoder10     UnetrBasicBlock (residual conv block ``layer``)
+  decoder5..1                UnetrUpBlock: transp_conv (kernel = stride = 2) + conv_block
+  out                        1x1 conv with bias
+
+Behaviour kept from MONAI (and its Swin ancestors), all reproduced exactly:
+
+* a window shrinks to the feature map along every axis where the map is not larger than the
+  window, and the shift along that axis becomes 0;
+* feature maps are zero-padded (after ``norm1``) to a multiple of the window; the padded tokens
+  take part in attention (un-shifted windows get no mask), as in MONAI;
+* the relative position index is built for the *configured* window and sliced ``[:n, :n]``
+  with ``n`` the number of tokens of the (possibly shrunk) window, as MONAI does;
+* shifted windows get the region mask with fill value -100;
+* ``downsample``: "merging" (MONAI >= 1.5 ``PatchMerging``), "mergingv2" (``PatchMergingV2``)
+  or "merging_legacy" (``PatchMerging`` of MONAI < 1.5, before PR #8285 of Jan 2025, whose 3D
+  octant order repeats the octants (0, 1, 0) and (0, 0, 1) and never sees (1, 1, 0) and
+  (0, 1, 1); the published self-supervised Swin UNETR and DAE checkpoints were trained with
+  it). In 2D the three are the same.
+
+Windows, region masks and relative indices are built in NumPy at trace time (shapes are static):
+a jitted forward holds them as small constants. 3D convolutions run as 2D convolutions batched
+over depth (:func:`conv3x3`), and every kernel = stride layer (patch embedding, transposed convs)
+as one einsum, which XLA:CPU runs much faster than its 3D (transposed) convolutions.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import string
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmed.models.unet import UpConv
+
+DOWNSAMPLES = ("merging", "mergingv2", "merging_legacy")
+NORM_NAMES = ("instance", "batch", "group")
+_LN_EPS = 1e-5
+_MASK_FILL = -100.0
+
+conv_init = nn.initializers.he_normal()
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+# 3D octant orders of the patch merging variants, as (d, h, w) offsets in concatenation order.
+_OCTANTS_3D = {
+    "mergingv2": tuple(itertools.product(range(2), repeat=3)),
+    "merging": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1),
+                (1, 1, 1)),
+    "merging_legacy": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0),
+                       (0, 0, 1), (1, 1, 1)),
+}
+# 2D (h, w) order, the same for every variant (MONAI's PatchMergingV2 2D branch).
+_OCTANTS_2D = ((0, 0), (1, 0), (0, 1), (1, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration helpers.
+
+
+def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+  """``value`` repeated ``n`` times (an int) or checked to have length ``n`` (a sequence)."""
+  if isinstance(value, (int, np.integer)):
+    out = (int(value),) * n
+  else:
+    out = tuple(int(v) for v in value)
+    if len(out) != n:
+      raise ValueError(f"{name} must be an int or a sequence of {n} ints for spatial_dims={n}; "
+                       f"got {name}={tuple(value)}")
+  if any(v < 1 for v in out):
+    raise ValueError(f"{name} must be >= 1 along every axis; got {name}={value}")
+  return out
+
+
+def parse_norm(norm_name: str | Sequence[Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+  """MONAI ``norm_name`` (``"instance"``, ``("group", {"num_groups": 4})``, ...) -> hashable form.
+
+  Returns ``(name, ((key, value), ...))`` with every supported option filled in:
+  instance: ``affine`` (False), ``eps``; batch / syncbatch: ``affine`` (True), ``eps``,
+  ``momentum`` (PyTorch convention, 0.1); group: ``num_groups`` (required), ``affine`` (True),
+  ``eps``. All ``eps`` default to 1e-5, as in PyTorch.
+
+  Raises:
+    ValueError: an unknown name or option, or an option value this port cannot reproduce.
+  """
+  if isinstance(norm_name, str):
+    name, args = norm_name, {}
+  elif (isinstance(norm_name, (tuple, list)) and len(norm_name) == 2
+        and isinstance(norm_name[0], str) and isinstance(norm_name[1], Mapping)):
+    name, args = norm_name[0], dict(norm_name[1])
+  elif (isinstance(norm_name, (tuple, list)) and len(norm_name) == 2
+        and isinstance(norm_name[0], str) and isinstance(norm_name[1], tuple)):
+    name, args = norm_name[0], dict(norm_name[1])  # already parsed
+  else:
+    raise ValueError(f"norm_name must be a name or (name, {{options}}); got {norm_name!r}")
+  name = name.lower()
+  if name == "syncbatch":
+    name = "batch"
+  defaults = {
+      "instance": {"affine": False, "eps": 1e-5, "track_running_stats": False},
+      "batch": {"affine": True, "eps": 1e-5, "momentum": 0.1, "track_running_stats": True},
+      "group": {"num_groups": None, "affine": True, "eps": 1e-5},
+  }
+  if name not in defaults:
+    raise ValueError(f"norm_name must be one of {NORM_NAMES} (optionally with options); "
+                     f"got {norm_name!r}")
+  unknown = sorted(set(args) - set(defaults[name]))
+  if unknown:
+    raise ValueError(f"norm_name {name!r} does not support option(s) {unknown}; supported: "
+                     f"{sorted(defaults[name])}")
+  full = {**defaults[name], **args}
+  if name == "instance" and full["track_running_stats"]:
+    raise ValueError("norm_name 'instance' with track_running_stats=True is not supported")
+  if name == "batch" and not full["track_running_stats"]:
+    raise ValueError("norm_name 'batch' with track_running_stats=False is not supported")
+  if name == "group":
+    g = full["num_groups"]
+    if not isinstance(g, (int, np.integer)) or g < 1:
+      raise ValueError(f"norm_name 'group' needs an int num_groups >= 1; got {norm_name!r}")
+  full.pop("track_running_stats", None)
+  return name, tuple(sorted(full.items()))
+
+
+def _norm_layer(norm: tuple[str, tuple[tuple[str, Any], ...]], name: str, train: bool,
+                param_dtype: Any) -> nn.Module:
+  """The Flax norm (computing in float32) for a parsed ``norm`` spec."""
+  kind, options = norm
+  opts = dict(options)
+  common = dict(epsilon=float(opts["eps"]), dtype=jnp.float32, param_dtype=param_dtype,
+                use_fast_variance=False, use_scale=bool(opts["affine"]),
+                use_bias=bool(opts["affine"]), name=name)
+  if kind == "instance":
+    return nn.InstanceNorm(**common)
+  if kind == "group":
+    return nn.GroupNorm(num_groups=int(opts["num_groups"]), **common)
+  return nn.BatchNorm(use_running_average=not train, momentum=1.0 - float(opts["momentum"]),
+                      **common)
+
+
+def _check_norm_channels(norm, channels: Sequence[int]) -> None:
+  if norm[0] == "group":
+    g = dict(norm[1])["num_groups"]
+    bad = sorted({c for c in channels if c % g})
+    if bad:
+      raise ValueError(f"norm_name 'group' with num_groups={g} needs every channel count "
+                       f"divisible by it; channels {tuple(bad)} are not")
+
+
+def get_window_size(x_size: Sequence[int], window_size: Sequence[int],
+                    shift_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Window and shift actually used on a feature map of size ``x_size`` (MONAI's rule).
+
+  Along an axis where the map is not larger than the window, the window shrinks to the map
+  and the shift is 0.
+  """
+  window, shift = list(window_size), list(shift_size)
+  for i, s in enumerate(x_size):
+    if s <= window_size[i]:
+      window[i] = s
+      shift[i] = 0
+  return tuple(window), tuple(shift)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(window_size: tuple[int, ...]) -> np.ndarray:
+  """Swin relative position index ``(N, N)``, ``N = prod(window_size)``, into the bias table.
+
+  ``index[i, j] = sum_a (c_a(i) - c_a(j) + w_a - 1) * prod_{b > a} (2 w_b - 1)``; equal to
+  MONAI's ``relative_position_index`` buffer.
+  """
+  coords = np.stack(np.meshgrid(*[np.arange(w) for w in window_size], indexing="ij"))
+  coords = coords.reshape(len(window_size), -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+  index = np.zeros(rel.shape[:2], np.int64)
+  for a, w in enumerate(window_size):
+    mult = int(np.prod([2 * b - 1 for b in window_size[a + 1:]], dtype=np.int64))
+    index += (rel[:, :, a] + w - 1) * mult
+  index.setflags(write=False)
+  return index
+
+
+def _partition_np(x: np.ndarray, window: tuple[int, ...]) -> np.ndarray:
+  """``(*S)`` -> ``(num_windows, N)`` in MONAI's window order (raster over the window grid)."""
+  d = len(window)
+  grid = [s // w for s, w in zip(x.shape, window)]
+  shape = [v for g, w in zip(grid, window) for v in (g, w)]
+  x = x.reshape(shape)
+  x = x.transpose(tuple(range(0, 2 * d, 2)) + tuple(range(1, 2 * d, 2)))
+  return x.reshape(int(np.prod(grid)), int(np.prod(window)))
+
+
+@functools.lru_cache(maxsize=None)
+def shift_regions(padded: tuple[int, ...], window: tuple[int, ...],
+                  shift: tuple[int, ...]) -> np.ndarray:
+  """Region label ``(num_windows, N)`` of every token of every shifted window.
+
+  Two tokens of a window may attend to each other only when their labels agree; the mask is
+  ``-100`` elsewhere. Same regions as MONAI's ``compute_mask`` (including its slices when a
+  shift is 0).
+  """
+  img = np.zeros(padded, np.int32)
+  regions = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
+  for cnt, index in enumerate(itertools.product(*regions)):
+    img[index] = cnt
+  labels = _partition_np(img, window)
+  labels.setflags(write=False)
+  return labels
+
+
+def shift_mask(padded: tuple[int, ...], window: tuple[int, ...],
+               shift: tuple[int, ...]) -> np.ndarray:
+  """MONAI's ``compute_mask``: ``(num_windows, N, N)``, 0 within a region and -100 across."""
+  labels = shift_regions(padded, window, shift)
+  return np.where(labels[:, None, :] != labels[:, :, None], _MASK_FILL, 0.0).astype(np.float32)
+
+
+def _window_partition(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """``(B, *S, C)`` -> ``(B, num_windows, N, C)``; ``S`` divisible by ``window``."""
+  b, c, d = x.shape[0], x.shape[-1], len(window)
+  grid = [s // w for s, w in zip(x.shape[1:-1], window)]
+  shape = [b] + [v for g, w in zip(grid, window) for v in (g, w)] + [c]
+  x = x.reshape(shape)
+  perm = (0,) + tuple(range(1, 2 * d, 2)) + tuple(range(2, 2 * d + 1, 2)) + (2 * d + 1,)
+  return x.transpose(perm).reshape(b, int(np.prod(grid)), int(np.prod(window)), c)
+
+
+def _window_reverse(windows: jax.Array, window: tuple[int, ...],
+                    spatial: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`_window_partition`: ``(B, num_windows, N, C)`` -> ``(B, *S, C)``."""
+  b, c, d = windows.shape[0], windows.shape[-1], len(window)
+  grid = [s // w for s, w in zip(spatial, window)]
+  x = windows.reshape([b] + grid + list(window) + [c])
+  perm = (0,) + tuple(v for a in range(d) for v in (1 + a, 1 + d + a)) + (2 * d + 1,)
+  return x.transpose(perm).reshape((b,) + tuple(spatial) + (c,))
+
+
+# --------------------------------------------------------------------------------------------
+# Layers.
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per example (MONAI / timm ``DropPath``, scaled by the keep probability).
+
+  Identity unless ``train`` and ``rate > 0``; then uses the 'dropout' rng.
+  """
+
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    if keep > 0.0:
+      return jnp.where(mask, x / keep, 0).astype(x.dtype)
+    return jnp.zeros_like(x)
+
+
+class PatchConv(nn.Module):
+  """Conv with kernel = stride = ``patch`` and no padding, as one einsum over the patch taps.
+
+  Equal to ``torch.nn.Conv{2,3}d(kernel_size=patch, stride=patch)`` with the kernel in Flax's
+  ``(*patch, Cin, Cout)`` layout. The input is zero-padded at the end of every axis to a
+  multiple of ``patch`` first (as MONAI's ``PatchEmbed``).
+
+  Input ``(N, *S, Cin)`` -> ``(N, *ceil(S / patch), features)``.
+  """
+
+  features: int
+  patch: tuple[int, ...]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.ndim - 2
+    cin = x.shape[-1]
+    kernel = self.param("kernel", conv_init, tuple(self.patch) + (cin, self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pad = [(0, (-s) % p) for s, p in zip(x.shape[1:-1], self.patch)]
+    if any(p for _, p in pad):
+      x = jnp.pad(x, [(0, 0)] + pad + [(0, 0)])
+    grid = [s // p for s, p in zip(x.shape[1:-1], self.patch)]
+    x = x.reshape([x.shape[0]] + [v for g, p in zip(grid, self.patch) for v in (g, p)] + [cin])
+    letters = string.ascii_letters
+    s, t = letters[:d], letters[d:2 * d]
+    spec = "N" + "".join(a + b for a, b in zip(s, t)) + "K," + t + "KC->N" + s + "C"
+    y = jnp.einsum(spec, x, kernel)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'same' convolution with an odd kernel, channels-last, no bias.
+
+  3D inputs run as 2D convolutions batched over depth, ``y[d] = sum_a conv2d(x[d + a - kd//2],
+  kernel[a])``: with few input channels the depth-shifted inputs are stacked along channels
+  into one 2D conv; with more input than output channels one 2D conv computes all ``kd`` depth
+  taps as output channels, which are then shifted and summed; otherwise one 2D conv per tap.
+  XLA:CPU runs 3D convolutions several times slower than any of these; the result is the same up
+  to float32 rounding.
+
+  Args:
+    x: ``(N, *S, Cin)``, 2 or 3 spatial axes.
+    kernel: ``(*k, Cin, Cout)`` with odd ``k``.
+
+  Returns:
+    ``(N, *S, Cout)``.
+  """
+  d = x.ndim - 2
+  ks = kernel.shape[:d]
+  dn = ("NHWC", "HWIO", "NHWC")
+  conv2d = lambda v, k: jax.lax.conv_general_dilated(
+      v, k, (1, 1), [(s // 2, s // 2) for s in ks[-2:]], dimension_numbers=dn)
+  if d == 2:
+    return conv2d(x, kernel)
+  if d != 3:
+    raise ValueError(f"conv3x3 needs a 2D or 3D input (N, *S, C); got shape {x.shape}")
+  n, depth, h, w, cin = x.shape
+  kd, cout = ks[0], kernel.shape[-1]
+  flat = lambda v: v.reshape(n * depth, h, w, v.shape[-1])
+  pad_depth = lambda v: jnp.pad(v, ((0, 0), (kd // 2, kd // 2)) + ((0, 0),) * (v.ndim - 2))
+  if kd == 1:
+    y = conv2d(flat(x), kernel[0])
+  elif cin * kd <= 16:  # depth taps stacked along the input channels
+    xp = pad_depth(x)
+    stacked = jnp.concatenate([xp[:, a:a + depth] for a in range(kd)], axis=-1)
+    y = conv2d(flat(stacked), jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(
+        ks[1], ks[2], kd * cin, cout))
+  elif cin > cout:  # depth taps as output channels, shifted and summed
+    taps = conv2d(flat(x), jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(
+        ks[1], ks[2], cin, kd * cout))
+    taps = pad_depth(taps.reshape(n, depth, h, w, kd, cout))
+    return sum(taps[:, a:a + depth, :, :, a] for a in range(kd))
+  else:  # one 2D conv per depth tap
+    xp = pad_depth(x)
+    y = sum(conv2d(flat(xp[:, a:a + depth]), kernel[a]) for a in range(kd))
+  return y.reshape(n, depth, h, w, cout)
+
+
+class Conv(nn.Module):
+  """Stride-1 'same' conv without bias (param ``kernel`` ``(*k, Cin, features)``, as nn.Conv).
+
+  Runs through :func:`conv3x3` (fast 3D convolutions on CPU).
+  """
+
+  features: int
+  kernel_size: int = 3
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.ndim - 2
+    kernel = self.param("kernel", conv_init, (self.kernel_size,) * d + (x.shape[-1],
+                                                                          self.features),
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if self.kernel_size == 1:
+      return jnp.einsum("...c,co->...o", x, kernel.reshape(kernel.shape[-2:]))
+    return conv3x3(x, kernel)
+
+
+class PatchEmbed(nn.Module):
+  """MONAI ``PatchEmbed``: ``proj`` (kernel = stride = patch conv) and, optionally, ``norm``."""
+
+  embed_dim: int
+  patch_size: tuple[int, ...]
+  patch_norm: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = PatchConv(self.embed_dim, self.patch_size, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="proj")(x)
+    if self.patch_norm:
+      x = nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
+                       use_fast_variance=False, name="norm")(x).astype(self.dtype)
+    return x
+
+
+class Mlp(nn.Module):
+  """MONAI ``MLPBlock`` (swin dropout mode): linear1, exact GELU, dropout, linear2, dropout."""
+
+  hidden: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=dense_init)
+    x = dense(self.hidden, name="linear1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = dense(c, name="linear2")(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class WindowAttention(nn.Module):
+  """Window multi-head self-attention with a relative position bias (MONAI ``WindowAttention``).
+
+  Attributes:
+    num_heads: heads; the channel count must be divisible by it.
+    window_size: the configured window (defines the bias table ``prod(2 w - 1) x heads``).
+    qkv_bias: bias in the qkv projection.
+    attn_drop: dropout on the attention probabilities.
+    proj_drop: dropout after the output projection.
+
+  ``__call__(x (B, num_windows, n, C), regions (num_windows, n) or None)``: ``n`` is the token
+  count of the window in use (``<= prod(window_size)``); ``regions`` are the region labels of
+  shifted windows (:func:`shift_regions`), turned into the -100 mask. Softmax runs in float32.
+  """
+
+  num_heads: int
+  window_size: tuple[int, ...]
+  qkv_bias: bool = True
+  attn_drop: float = 0.0
+  proj_drop: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, regions: np.ndarray | None, *,
+               train: bool = False) -> jax.Array:
+    b, nw, n, c = x.shape
+    h = self.num_heads
+    hd = c // h
+    table = self.param("relative_position_bias_table", dense_init,
+                       (int(np.prod([2 * w - 1 for w in self.window_size])), h),
+                       self.param_dtype)
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=dense_init, name="qkv")(x)
+    # Head-major (b, w, h, n, d) layout: XLA:CPU runs the batched matmuls much faster so.
+    qkv = qkv.reshape(b, nw, n, 3, h, hd).transpose(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * jnp.asarray(hd**-0.5, q.dtype)
+    logits = jnp.einsum("bwhnd,bwhmd->bwhnm", q, k, preferred_element_type=jnp.float32)
+    # MONAI slices the index of the configured window to the n tokens in use.
+    index = relative_position_index(tuple(self.window_size))[:n, :n]
+    bias = jnp.take(table.astype(jnp.float32), jnp.asarray(index.reshape(-1)), axis=0)
+    logits = logits + bias.reshape(n, n, h).transpose(2, 0, 1)
+    if regions is not None:  # (num_windows, n) region labels of a shifted window
+      labels = jnp.asarray(regions)
+      logits = logits + jnp.where(labels[:, None, :] != labels[:, :, None], _MASK_FILL,
+                                  0.0)[:, None]
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(self.attn_drop, deterministic=not train)(probs)
+    out = jnp.einsum("bwhnm,bwhmd->bwhnd", probs.astype(self.dtype), v.astype(self.dtype))
+    out = out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
+    out = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init,
+                   name="proj")(out)
+    return nn.Dropout(self.proj_drop, deterministic=not train)(out)
+
+
+class SwinTransformerBlock(nn.Module):
+  """(Shifted) window attention block: x + DropPath(W-MSA(LN(x))), then + DropPath(MLP(LN(x))).
+
+  ``shift`` is False for the plain-window block and True for the shifted one (shift of
+  ``window // 2``, set to 0 along axes where the window shrinks to the map).
+  Input and output ``(B, *S, C)``.
+  """
+
+  num_heads: int
+  window_size: tuple[int, ...]
+  shift: bool = False
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    spatial = tuple(x.shape[1:-1])
+    c = x.shape[-1]
+    full_shift = tuple(w // 2 for w in self.window_size) if self.shift else (0,) * len(spatial)
+    window, shift = get_window_size(spatial, self.window_size, full_shift)
+    layer_norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=jnp.float32,
+                                   param_dtype=self.param_dtype, use_fast_variance=False)
+
+    shortcut = x
+    y = layer_norm(name="norm1")(x).astype(self.dtype)
+    pad = [(0, (-s) % w) for s, w in zip(spatial, window)]
+    if any(p for _, p in pad):
+      y = jnp.pad(y, [(0, 0)] + pad + [(0, 0)])
+    padded = tuple(y.shape[1:-1])
+    axes = tuple(range(1, len(spatial) + 1))
+    shifted = any(s > 0 for s in shift)
+    if shifted:
+      y = jnp.roll(y, tuple(-s for s in shift), axis=axes)
+      regions = shift_regions(padded, window, shift)
+    else:
+      regions = None
+    windows = _window_partition(y, window)
+    windows = WindowAttention(self.num_heads, self.window_size, qkv_bias=self.qkv_bias,
+                              attn_drop=self.attn_drop, proj_drop=self.drop, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="attn")(windows, regions,
+                                                                          train=train)
+    y = _window_reverse(windows, window, padded)
+    if shifted:
+      y = jnp.roll(y, shift, axis=axes)
+    y = y[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+    x = shortcut + DropPath(self.drop_path)(y, train=train)
+
+    y = layer_norm(name="norm2")(x).astype(self.dtype)
+    y = Mlp(int(c * self.mlp_ratio), dropout=self.drop, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="mlp")(y, train=train)
+    return x + DropPath(self.drop_path)(y, train=train)
+
+
+class PatchMerging(nn.Module):
+  """Patch merging: 2x2(x2) neighbourhood -> channels, LayerNorm(2^d C), Linear(-> 2C, no bias).
+
+  Odd sizes are zero-padded at the end first. ``mode`` picks the 3D octant order
+  ("merging", "mergingv2", "merging_legacy"; see the module docstring).
+  Input ``(B, *S, C)`` -> ``(B, *ceil(S / 2), 2C)``.
+  """
+
+  mode: str = "merging"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.ndim - 2
+    b, c = x.shape[0], x.shape[-1]
+    pad = [(0, s % 2) for s in x.shape[1:-1]]
+    if any(p for _, p in pad):
+      x = jnp.pad(x, [(0, 0)] + pad + [(0, 0)])
+    half = [s // 2 for s in x.shape[1:-1]]
+    x = x.reshape([b] + [v for h in half for v in (h, 2)] + [c])
+    octants = _OCTANTS_2D if d == 2 else _OCTANTS_3D[self.mode]
+    parts = []
+    for offsets in octants:
+      index = (slice(None),) + tuple(v for o in offsets for v in (slice(None), o))
+      parts.append(x[index])
+    x = jnp.concatenate(parts, axis=-1)
+    x = nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
+                     use_fast_variance=False, name="norm")(x).astype(self.dtype)
+    return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=dense_init, name="reduction")(x)
+
+
+class BasicLayer(nn.Module):
+  """One Swin stage: ``depth`` blocks (``blocks_{j}``, odd j shifted), then ``downsample``.
+
+  Input ``(B, *S, C)`` -> ``(B, *ceil(S / 2), 2C)`` (or ``(B, *S, C)`` without downsample).
+  """
+
+  depth: int
+  num_heads: int
+  window_size: tuple[int, ...]
+  drop_path: tuple[float, ...]
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  downsample: str | None = "merging"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for j in range(self.depth):
+      x = SwinTransformerBlock(
+          self.num_heads, self.window_size, shift=j % 2 == 1, mlp_ratio=self.mlp_ratio,
+          qkv_bias=self.qkv_bias, drop=self.drop, attn_drop=self.attn_drop,
+          drop_path=self.drop_path[j], dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"blocks_{j}")(x, train=train)
+    if self.downsample is not None:
+      x = PatchMerging(self.downsample, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="downsample")(x)
+    return x
+
+
+class UnetResBlock(nn.Module):
+  """MONAI ``UnetResBlock`` (kernel 3, stride 1): conv-norm-lrelu-conv-norm + skip, lrelu.
+
+  Convs have no bias. The skip gets a 1x1 conv + norm (``conv3`` / ``norm3``) when the channel
+  count changes. LeakyReLU slope 0.01. Norms and the activation run in float32.
+  Input ``(B, *S, Cin)`` -> ``(B, *S, features)``.
+  """
+
+  features: int
+  norm: tuple = ("instance", (("affine", False), ("eps", 1e-5)))
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = functools.partial(Conv, self.features, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = conv(name="conv1")(x)
+    y = _norm_layer(self.norm, "norm1", train, self.param_dtype)(y.astype(jnp.float32))
+    y = nn.leaky_relu(y, negative_slope=0.01).astype(self.dtype)
+    y = conv(name="conv2")(y)
+    y = _norm_layer(self.norm, "norm2", train, self.param_dtype)(y.astype(jnp.float32))
+    residual = x
+    if x.shape[-1] != self.features:
+      residual = conv(kernel_size=1, name="conv3")(x)
+      residual = _norm_layer(self.norm, "norm3", train, self.param_dtype)(
+          residual.astype(jnp.float32))
+    y = y + residual.astype(jnp.float32)
+    return nn.leaky_relu(y, negative_slope=0.01).astype(self.dtype)
+
+
+class UnetrBasicBlock(nn.Module):
+  """MONAI ``UnetrBasicBlock`` with ``res_block=True``: a :class:`UnetResBlock` named ``layer``."""
+
+  features: int
+  norm: tuple = ("instance", (("affine", False), ("eps", 1e-5)))
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return UnetResBlock(self.features, self.norm, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="layer")(x, train)
+
+
+class UnetrUpBlock(nn.Module):
+  """MONAI ``UnetrUpBlock`` (``res_block=True``): transposed conv k = s = 2 (no bias), concat the
+  skip (after the up-sampled features), :class:`UnetResBlock` (2 features -> features).
+
+  ``__call__(x (B, *S, Cin), skip (B, *2S, features))`` -> ``(B, *2S, features)``.
+  """
+
+  features: int
+  norm: tuple = ("instance", (("affine", False), ("eps", 1e-5)))
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array, train: bool = False) -> jax.Array:
+    y = UpConv(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+               name="transp_conv")(x)
+    y = jnp.concatenate([y, skip.astype(y.dtype)], axis=-1)
+    return UnetResBlock(self.features, self.norm, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="conv_block")(y, train)
+
+
+def _layer_norm_channels(x: jax.Array) -> jax.Array:
+  """Non-affine LayerNorm over channels in float32 (MONAI ``proj_out(..., normalize=True)``)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + _LN_EPS)
+
+
+def _check_common(spatial_dims, depths, num_heads, embed_dim, mlp_ratio, downsample,
+                  drop_rate, attn_drop_rate, drop_path_rate) -> None:
+  if spatial_dims not in (2, 3):
+    raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={spatial_dims}")
+  if len(depths) < 1 or any(int(v) < 1 for v in depths):
+    raise ValueError(f"depths must be a non-empty sequence of ints >= 1; got {tuple(depths)}")
+  if len(num_heads) != len(depths):
+    raise ValueError(f"num_heads needs one entry per stage ({len(depths)}); got "
+                     f"num_heads={tuple(num_heads)}")
+  for i, h in enumerate(num_heads):
+    dim = embed_dim * 2**i
+    if int(h) < 1 or dim % int(h):
+      raise ValueError(f"stage {i} has {dim} channels, which num_heads[{i}]={h} must divide "
+                       f"(num_heads={tuple(num_heads)})")
+  if not mlp_ratio > 0:
+    raise ValueError(f"mlp_ratio must be > 0; got mlp_ratio={mlp_ratio}")
+  if downsample not in DOWNSAMPLES:
+    raise ValueError(f"downsample must be one of {DOWNSAMPLES}; got downsample={downsample!r}")
+  for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                     ("dropout_path_rate", drop_path_rate)):
+    if not 0.0 <= rate <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1]; got {name}={rate}")
+
+
+class SwinTransformer(nn.Module):
+  """The Swin UNETR encoder (MONAI ``SwinTransformer``), named ``swinViT`` inside SwinUNETR.
+
+  Attributes:
+    embed_dim: channels after the patch embedding (``feature_size`` of SwinUNETR).
+    depths: blocks per stage.
+    num_heads: attention heads per stage (stage i has ``embed_dim * 2**i`` channels).
+    window_size: window (int or one per axis).
+    patch_size: patch embedding size (int or one per axis).
+    spatial_dims: 2 or 3.
+    mlp_ratio, qkv_bias: MLP width ratio; bias in the qkv projection.
+    drop_rate: dropout after the patch embedding, in the MLP and after the attention projection.
+    attn_drop_rate: dropout on the attention probabilities.
+    drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+    patch_norm: LayerNorm after the patch embedding.
+    downsample: "merging" | "mergingv2" | "merging_legacy".
+    use_v2: a residual conv block (``layers{i}c``, instance norm) before every stage.
+    remat: rematerialise every stage (``nn.remat``) to save activation memory in training.
+    dtype: compute dtype (norms and softmax in float32).
+
+  ``__call__(x (B, *S, Cin), *, train=False, normalize=True)`` -> tuple of ``len(depths) + 1``
+  hidden states, float32: the patch embedding ``(B, *S/p, E)`` and each stage's output
+  ``(B, *S/(p 2^(i+1)), E 2^(i+1))``, each through a non-affine LayerNorm over channels when
+  ``normalize``. Any spatial size works (odd sizes are padded as in MONAI).
+  """
+
+  embed_dim: int = 24
+  depths: Sequence[int] = (2, 2, 2, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int | Sequence[int] = 7
+  patch_size: int | Sequence[int] = 2
+  spatial_dims: int = 3
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  patch_norm: bool = False
+  downsample: str = "merging"
+  use_v2: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _validate(self, x: jax.Array) -> None:
+    _check_common(self.spatial_dims, self.depths, self.num_heads, self.embed_dim, self.mlp_ratio,
+                  self.downsample, self.drop_rate, self.attn_drop_rate, self.drop_path_rate)
+    if self.embed_dim < 1:
+      raise ValueError(f"embed_dim must be >= 1; got embed_dim={self.embed_dim}")
+    _tuple(self.window_size, self.spatial_dims, "window_size")
+    _tuple(self.patch_size, self.spatial_dims, "patch_size")
+    if x.ndim != self.spatial_dims + 2:
+      layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
+      raise ValueError(f"SwinTransformer with spatial_dims={self.spatial_dims} expects x of "
+                       f"shape {layout}; got shape {x.shape}")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               normalize: bool = True) -> tuple[jax.Array, ...]:
+    self._validate(x)
+    d = self.spatial_dims
+    window = _tuple(self.window_size, d, "window_size")
+    patch = _tuple(self.patch_size, d, "patch_size")
+    depths = tuple(int(v) for v in self.depths)
+    rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
+    instance = parse_norm("instance")
+    layer_cls = nn.remat(BasicLayer, static_argnums=(2,)) if self.remat else BasicLayer
+    conv_cls = nn.remat(UnetrBasicBlock, static_argnums=(2,)) if self.remat else UnetrBasicBlock
+
+    x = PatchEmbed(self.embed_dim, patch, self.patch_norm, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="patch_embed")(x)
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    out = lambda h: _layer_norm_channels(h) if normalize else h.astype(jnp.float32)
+    hidden = [out(x)]
+    for i, depth in enumerate(depths):
+      if self.use_v2:
+        x = conv_cls(self.embed_dim * 2**i, instance, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=f"layers{i + 1}c")(x, train)
+      x = layer_cls(depth, int(self.num_heads[i]), window,
+                    tuple(rates[sum(depths[:i]):sum(depths[:i + 1])]), mlp_ratio=self.mlp_ratio,
+                    qkv_bias=self.qkv_bias, drop=self.drop_rate, attn_drop=self.attn_drop_rate,
+                    downsample=self.downsample, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name=f"layers{i + 1}")(x, train)
+      hidden.append(out(x))
+    return tuple(hidden)
+
+
+class SwinUNETR(nn.Module):
+  """Swin UNETR (MONAI 1.6 ``SwinUNETR``), channels-last.
+
+  Attributes:
+    out_channels: logits channels.
+    feature_size: channels after the patch embedding, divisible by 12 (papers use 48).
+    depths: Swin blocks per stage (4 stages).
+    num_heads: attention heads per stage.
+    window_size: window (int or one per axis).
+    patch_size: patch embedding size; must be 2 (the decoder up-samples the patch embedding by
+      2 to meet ``encoder1``; MONAI fails with a shape error for any other value).
+    spatial_dims: 2 or 3.
+    norm_name: decoder norm as in MONAI: "instance" (no affine), "batch", ("group",
+      {"num_groups": g}), optionally with options ({"affine": True}, {"eps": ...}).
+    normalize: non-affine LayerNorm on the 5 hidden states of the encoder.
+    use_v2: Swin UNETR v2 (a residual conv block before every stage).
+    downsample: "merging" | "mergingv2" | "merging_legacy" (see the module docstring).
+    patch_norm: LayerNorm after the patch embedding.
+    drop_rate, attn_drop_rate, dropout_path_rate: dropout, attention dropout, stochastic depth
+      (all active only with ``train=True`` and a 'dropout' rng).
+    qkv_bias, mlp_ratio: bias in qkv; MLP width ratio.
+    remat: rematerialise every encoder stage and every decoder block (``nn.remat``).
+    dtype: compute dtype; norms, softmax and the outputs are float32.
+    param_dtype: parameter dtype.
+
+  ``__call__(x (B, *S, Cin), *, train=False, return_features=False)`` -> logits
+  ``(B, *S, out_channels)`` float32, or ``(logits, features)`` with (F = feature_size)
+  ``hidden_states_{i}`` ``(B, *S/2^(i+1), F 2^i)``, i = 0..4 (after ``normalize``);
+  ``encoder1`` ``(B, *S, F)``, ``encoder2`` ``(B, *S/2, F)``, ``encoder3`` ``(B, *S/4, 2F)``,
+  ``encoder4`` ``(B, *S/8, 4F)``, ``encoder10`` ``(B, *S/32, 16F)``; ``decoder5``
+  ``(B, *S/16, 8F)``, ``decoder4`` ``(B, *S/8, 4F)``, ``decoder3`` ``(B, *S/4, 2F)``,
+  ``decoder2`` ``(B, *S/2, F)``, ``decoder1`` ``(B, *S, F)``; all float32.
+  Every spatial size must be divisible by 32 (``patch_size * 2**4``). Batch norm in training
+  needs ``mutable=["batch_stats"]``.
+  """
+
+  out_channels: int
+  feature_size: int = 24
+  depths: Sequence[int] = (2, 2, 2, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int | Sequence[int] = 7
+  patch_size: int = 2
+  spatial_dims: int = 3
+  norm_name: str | Sequence[Any] = "instance"
+  normalize: bool = True
+  use_v2: bool = False
+  downsample: str = "merging"
+  patch_norm: bool = False
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  dropout_path_rate: float = 0.0
+  qkv_bias: bool = True
+  mlp_ratio: float = 4.0
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _validate(self, x: jax.Array) -> tuple:
+    d = self.spatial_dims
+    if d not in (2, 3):
+      raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={d}")
+    if self.feature_size < 12 or self.feature_size % 12:
+      raise ValueError(f"feature_size must be a positive multiple of 12; got "
+                       f"feature_size={self.feature_size}")
+    if len(self.depths) != 4:
+      raise ValueError(f"SwinUNETR has 4 stages; got depths={tuple(self.depths)}")
+    _check_common(d, self.depths, self.num_heads, self.feature_size, self.mlp_ratio,
+                  self.downsample, self.drop_rate, self.attn_drop_rate, self.dropout_path_rate)
+    if self.out_channels < 1:
+      raise ValueError(f"out_channels must be >= 1; got out_channels={self.out_channels}")
+    if self.patch_size != 2:
+      raise ValueError(f"SwinUNETR needs patch_size=2 (its decoder up-samples the patch "
+                       f"embedding by 2 to meet encoder1); got patch_size={self.patch_size}")
+    _tuple(self.window_size, d, "window_size")
+    norm = parse_norm(self.norm_name)
+    f = self.feature_size
+    _check_norm_channels(norm, (f, 2 * f, 4 * f, 8 * f, 16 * f))
+    if x.ndim != d + 2:
+      layout = "(N, H, W, C)" if d == 2 else "(N, D, H, W, C)"
+      raise ValueError(f"SwinUNETR with spatial_dims={d} expects x of shape {layout} "
+                       f"(ndim {d + 2}); got shape {x.shape}")
+    factor = self.patch_size * 2**4
+    bad = [s for s in x.shape[1:-1] if s % factor]
+    if bad:
+      raise ValueError(f"SwinUNETR input shape {x.shape}: every spatial size must be divisible "
+                       f"by {factor} (patch_size * 2**4); {tuple(bad)} are not")
+    return norm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+    norm = self._validate(x)
+    f = self.feature_size
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    basic = nn.remat(UnetrBasicBlock, static_argnums=(2,)) if self.remat else UnetrBasicBlock
+    up = nn.remat(UnetrUpBlock, static_argnums=(3,)) if self.remat else UnetrUpBlock
+
+    hidden = SwinTransformer(
+        embed_dim=f, depths=tuple(self.depths), num_heads=tuple(self.num_heads),
+        window_size=self.window_size, patch_size=self.patch_size,
+        spatial_dims=self.spatial_dims, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+        drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
+        drop_path_rate=self.dropout_path_rate, patch_norm=self.patch_norm,
+        downsample=self.downsample, use_v2=self.use_v2, remat=self.remat, name="swinViT",
+        **kw)(x, train=train, normalize=self.normalize)
+    feats = {f"hidden_states_{i}": h for i, h in enumerate(hidden)}
+    hidden = [h.astype(self.dtype) for h in hidden]
+    enc0 = basic(f, norm, name="encoder1", **kw)(x, train)
+    enc1 = basic(f, norm, name="encoder2", **kw)(hidden[0], train)
+    enc2 = basic(2 * f, norm, name="encoder3", **kw)(hidden[1], train)
+    enc3 = basic(4 * f, norm, name="encoder4", **kw)(hidden[2], train)
+    dec4 = basic(16 * f, norm, name="encoder10", **kw)(hidden[4], train)
+    dec3 = up(8 * f, norm, name="decoder5", **kw)(dec4, hidden[3], train)
+    dec2 = up(4 * f, norm, name="decoder4", **kw)(dec3, enc3, train)
+    dec1 = up(2 * f, norm, name="decoder3", **kw)(dec2, enc2, train)
+    dec0 = up(f, norm, name="decoder2", **kw)(dec1, enc1, train)
+    out = up(f, norm, name="decoder1", **kw)(dec0, enc0, train)
+    logits = nn.Conv(self.out_channels, kernel_size=(1,) * self.spatial_dims, use_bias=True,
+                     kernel_init=conv_init, name="out", **kw)(out).astype(jnp.float32)
+    if not return_features:
+      return logits
+    feats.update(encoder1=enc0, encoder2=enc1, encoder3=enc2, encoder4=enc3, encoder10=dec4,
+                 decoder5=dec3, decoder4=dec2, decoder3=dec1, decoder2=dec0, decoder1=out)
+    return logits, {k: v.astype(jnp.float32) for k, v in feats.items()}
