@@ -30,12 +30,13 @@ the gradient through the shortcut; here the gradient flows (the forward pass is 
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxmed.models._utils import spatial_tuple
 
 BLOCKS = ("basic", "bottleneck")
 NORMS = ("batch", "group")
@@ -51,20 +52,6 @@ _EPS = 1e-5
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def _tuple(value: int | Sequence[int], d: int, name: str) -> tuple[int, ...]:
-  """``value`` repeated to ``d`` entries (an int) or checked to have ``d`` entries."""
-  if isinstance(value, numbers.Integral):
-    out = (int(value),) * d
-  else:
-    out = tuple(int(v) for v in value)
-    if len(out) != d:
-      raise ValueError(f"{name} must be an int or {d} ints for spatial_dims={d}; "
-                       f"got {name}={tuple(value)}")
-  if any(v < 1 for v in out):
-    raise ValueError(f"{name} must be >= 1; got {name}={value}")
-  return out
 
 
 def _norm(kind: str, num_groups: int, train: bool, param_dtype: Any, name: str) -> nn.Module:
@@ -243,8 +230,8 @@ class ResNet(nn.Module):
       if bad:
         raise ValueError(f"shortcut_type='A' cannot reduce the channel count (stages {bad} of "
                          f"widths {widths}); use shortcut_type='B'")
-    _tuple(self.conv1_t_size, self.spatial_dims, "conv1_t_size")
-    _tuple(self.conv1_t_stride, self.spatial_dims, "conv1_t_stride")
+    spatial_tuple(self.conv1_t_size, self.spatial_dims, "conv1_t_size")
+    spatial_tuple(self.conv1_t_stride, self.spatial_dims, "conv1_t_stride")
     if x.ndim != self.spatial_dims + 2:
       layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
       raise ValueError(f"ResNet with spatial_dims={self.spatial_dims} expects x of shape "
@@ -258,8 +245,8 @@ class ResNet(nn.Module):
     self._validate(x)
     d = self.spatial_dims
     widths = self.widths()
-    kernel = _tuple(self.conv1_t_size, d, "conv1_t_size")
-    stride = _tuple(self.conv1_t_stride, d, "conv1_t_stride")
+    kernel = spatial_tuple(self.conv1_t_size, d, "conv1_t_size")
+    stride = spatial_tuple(self.conv1_t_stride, d, "conv1_t_stride")
     feats = {}
 
     x = _conv(widths[0], kernel, stride, False, self.dtype, self.param_dtype, "conv1")(x)

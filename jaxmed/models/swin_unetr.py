@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.models._utils import spatial_tuple
 from jaxmed.models.unet import UpConv
 
 DOWNSAMPLES = ("merging", "mergingv2", "merging_legacy")
@@ -73,20 +74,6 @@ _OCTANTS_2D = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 # --------------------------------------------------------------------------------------------
 # Configuration helpers.
-
-
-def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-  """``value`` repeated ``n`` times (an int) or checked to have length ``n`` (a sequence)."""
-  if isinstance(value, (int, np.integer)):
-    out = (int(value),) * n
-  else:
-    out = tuple(int(v) for v in value)
-    if len(out) != n:
-      raise ValueError(f"{name} must be an int or a sequence of {n} ints for spatial_dims={n}; "
-                       f"got {name}={tuple(value)}")
-  if any(v < 1 for v in out):
-    raise ValueError(f"{name} must be >= 1 along every axis; got {name}={value}")
-  return out
 
 
 def parse_norm(norm_name: str | Sequence[Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
@@ -749,8 +736,8 @@ class SwinTransformer(nn.Module):
                   self.downsample, self.drop_rate, self.attn_drop_rate, self.drop_path_rate)
     if self.embed_dim < 1:
       raise ValueError(f"embed_dim must be >= 1; got embed_dim={self.embed_dim}")
-    _tuple(self.window_size, self.spatial_dims, "window_size")
-    _tuple(self.patch_size, self.spatial_dims, "patch_size")
+    spatial_tuple(self.window_size, self.spatial_dims, "window_size")
+    spatial_tuple(self.patch_size, self.spatial_dims, "patch_size")
     if x.ndim != self.spatial_dims + 2:
       layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
       raise ValueError(f"SwinTransformer with spatial_dims={self.spatial_dims} expects x of "
@@ -761,8 +748,8 @@ class SwinTransformer(nn.Module):
                normalize: bool = True) -> tuple[jax.Array, ...]:
     self._validate(x)
     d = self.spatial_dims
-    window = _tuple(self.window_size, d, "window_size")
-    patch = _tuple(self.patch_size, d, "patch_size")
+    window = spatial_tuple(self.window_size, d, "window_size")
+    patch = spatial_tuple(self.patch_size, d, "patch_size")
     depths = tuple(int(v) for v in self.depths)
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
     instance = parse_norm("instance")
@@ -860,7 +847,7 @@ class SwinUNETR(nn.Module):
     if self.patch_size != 2:
       raise ValueError(f"SwinUNETR needs patch_size=2 (its decoder up-samples the patch "
                        f"embedding by 2 to meet encoder1); got patch_size={self.patch_size}")
-    _tuple(self.window_size, d, "window_size")
+    spatial_tuple(self.window_size, d, "window_size")
     norm = parse_norm(self.norm_name)
     f = self.feature_size
     _check_norm_channels(norm, (f, 2 * f, 4 * f, 8 * f, 16 * f))

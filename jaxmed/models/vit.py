@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.models._utils import spatial_tuple
+
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("cls", "mean")
 HEAD_ACTIVATIONS = ("tanh",)
@@ -61,24 +63,10 @@ token_init = nn.initializers.normal(stddev=0.02)
 # Array helpers.
 
 
-def _as_tuple(value: int | Sequence[int], d: int, name: str) -> tuple[int, ...]:
-  """``value`` repeated to ``d`` ints (an int) or checked to have length ``d`` (a sequence)."""
-  if isinstance(value, (int, np.integer)):
-    out = (int(value),) * d
-  else:
-    out = tuple(int(v) for v in value)
-    if len(out) != d:
-      raise ValueError(f"{name} must be an int or a sequence of {d} ints for {d}D input; "
-                       f"got {name}={tuple(value)}")
-  if any(v < 1 for v in out):
-    raise ValueError(f"{name} must be >= 1 along every axis; got {name}={out}")
-  return out
-
-
 def grid_shape_of(spatial_shape: Sequence[int], patch_size: int | Sequence[int]) -> tuple[int, ...]:
   """The patch grid of an image: ``spatial_shape // patch_size`` (must divide exactly)."""
   spatial_shape = tuple(int(s) for s in spatial_shape)
-  p = _as_tuple(patch_size, len(spatial_shape), "patch_size")
+  p = spatial_tuple(patch_size, len(spatial_shape), "patch_size")
   if any(s % q for s, q in zip(spatial_shape, p)):
     raise ValueError(f"every spatial size must be divisible by patch_size={p}; "
                      f"got spatial shape {spatial_shape}")
@@ -95,7 +83,7 @@ def patchify(x: jax.Array, patch_size: int | Sequence[int]) -> jax.Array:
   if x.ndim < 3:
     raise ValueError(f"patchify expects x of shape (N, *spatial, C); got shape {x.shape}")
   d = x.ndim - 2
-  p = _as_tuple(patch_size, d, "patch_size")
+  p = spatial_tuple(patch_size, d, "patch_size")
   grid = grid_shape_of(x.shape[1:-1], p)
   n, c = x.shape[0], x.shape[-1]
   split = [n]
@@ -113,7 +101,7 @@ def unpatchify(tokens: jax.Array, patch_size: int | Sequence[int],
   """Inverse of :func:`patchify`: ``(N, T, prod(p) * C)`` -> images ``(N, *spatial_shape, C)``."""
   spatial_shape = tuple(int(s) for s in spatial_shape)
   d = len(spatial_shape)
-  p = _as_tuple(patch_size, d, "patch_size")
+  p = spatial_tuple(patch_size, d, "patch_size")
   grid = grid_shape_of(spatial_shape, p)
   if tokens.ndim != 3 or tokens.shape[1] != math.prod(grid) or tokens.shape[2] % math.prod(p):
     raise ValueError(
@@ -469,7 +457,7 @@ class _Encoder(nn.Module):
 
   def patch_shape(self) -> tuple[int, ...]:
     """The patch size as a tuple of ``spatial_dims`` ints."""
-    return _as_tuple(self.patch_size, self.spatial_dims, "patch_size")
+    return spatial_tuple(self.patch_size, self.spatial_dims, "patch_size")
 
   def grid_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
     """The patch grid ``spatial_shape // patch_size`` of an input."""
@@ -681,7 +669,7 @@ class MAEDecoder(nn.Module):
       raise ValueError(f"grid_shape must have spatial_dims={self.spatial_dims} (2 or 3) entries; "
                        f"got grid_shape={grid}")
     num_tokens = math.prod(grid)
-    p = _as_tuple(self.patch_size, self.spatial_dims, "patch_size")
+    p = spatial_tuple(self.patch_size, self.spatial_dims, "patch_size")
     mlp_dim = (int(self.mlp_dim) if self.mlp_dim is not None
                else int(self.embed_dim * self.mlp_ratio))
     _check_transformer(self.embed_dim, self.depth, self.num_heads, mlp_dim, "decoder ")
