@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxmed.pretext._grid import (cells_to_pixels, check_images, check_prob, grid_tuple,
+                                  num_cells)
+
 
 def grid_cell_mask(key, shape, *, grid, keep_prob):
   """Bernoulli keep-mask of grid cells, upsampled to pixels.
@@ -24,17 +27,10 @@ def grid_cell_mask(key, shape, *, grid, keep_prob):
     ``(N, *spatial)`` bool, True where the pixel is kept.
   """
   n, *spatial = shape
-  grid = (grid,) * len(spatial) if isinstance(grid, int) else tuple(grid)
-  if len(grid) != len(spatial) or any(g < 1 for g in grid):
-    raise ValueError(f"grid must be a positive int or one per spatial axis {tuple(spatial)}; "
-                     f"got {grid}")
-  if not 0.0 <= keep_prob <= 1.0:
-    raise ValueError(f"keep_prob must be in [0, 1]; got {keep_prob}")
-  cells = tuple(-(-s // g) for s, g in zip(spatial, grid))
-  keep = jax.random.bernoulli(key, keep_prob, (n, *cells))
-  for axis, g in enumerate(grid):
-    keep = jnp.repeat(keep, g, axis=axis + 1)
-  return keep[(slice(None), *(slice(0, s) for s in spatial))]
+  grid = grid_tuple(grid, spatial)
+  keep_prob = check_prob("keep_prob", keep_prob)
+  keep = jax.random.bernoulli(key, keep_prob, (n, *num_cells(spatial, grid)))
+  return cells_to_pixels(keep, spatial, grid)
 
 
 def grid_inpaint(key, images, *, grid=8, keep_prob=0.75, fill=0.0):
@@ -49,8 +45,7 @@ def grid_inpaint(key, images, *, grid=8, keep_prob=0.75, fill=0.0):
   Returns:
     ``(corrupted, keep)``: corrupted ``(N, *spatial, C)`` and the bool keep-mask ``(N, *spatial)``.
   """
-  if images.ndim < 3:
-    raise ValueError(f"images must be (N, *spatial, C); got shape {images.shape}")
+  check_images(images)
   keep = grid_cell_mask(key, images.shape[:-1], grid=grid, keep_prob=keep_prob)
   corrupted = jnp.where(keep[..., None], images, jnp.asarray(fill, images.dtype))
   return corrupted, keep
