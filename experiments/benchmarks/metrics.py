@@ -11,8 +11,9 @@ two results are compared (max relative difference) so a fast wrong answer shows 
 Markdown table with the ratio reference time / jaxmed time (> 1: jaxmed is faster).
 
 References: scikit-image (SSIM, PSNR; looped over images, as users call it), MONAI 1.6 on PyTorch
-CPU (Hausdorff, surface distance, surface Dice, Dice, 3D SSIM), scipy (EDT, Spearman),
-scikit-learn (ROC AUC). torch uses as many threads as JAX has cores.
+CPU (Hausdorff, surface distance, surface Dice, Dice, 3D SSIM), scipy (EDT, Spearman, paired
+t-test), scikit-learn (ROC AUC). SSFD and the VGG perceptual distance are not here: no peer
+library for them is installed (meddlr, torchvision / Keras weights). torch uses as many threads as JAX has cores.
 """
 
 from __future__ import annotations
@@ -161,6 +162,15 @@ def cases(scale):
   out.append(("spearman", f"{m} pairs", "scipy",
               lambda: np.array(scipy.stats.spearmanr(scores, other).statistic),
               lambda: np.asarray(jm.spearman(j_scores, j_other))))
+
+  # Paired t-test: 10,000 comparisons of two methods on 200 images each (p-values compared).
+  rows = max(10, int(1e4 * scale))
+  ta = rng.standard_normal((rows, 200)).astype(np.float32)
+  tb = (ta + 0.1 + rng.standard_normal(ta.shape)).astype(np.float32)
+  j_ta, j_tb = dev(ta), dev(tb)
+  out.append(("paired_t_test", f"{rows} x 200 pairs", "scipy",
+              lambda: scipy.stats.ttest_rel(ta, tb, axis=-1).pvalue,
+              lambda: np.asarray(jm.paired_t_test(j_ta, j_tb)[1])))
   return out
 
 

@@ -20,6 +20,6 @@ def test_public_api_is_complete():
   names = {"psnr", "nmse", "mse", "mae", "ssim", "dice", "hausdorff_distance",
            "average_surface_distance", "surface_dice", "distance_transform_edt", "roc_auc",
            "sensitivity_specificity", "accuracy", "two_afc_score", "max_normalize", "pearson",
-           "spearman", "linear_cka"}
+           "spearman", "linear_cka", "ssfd", "vgg_perceptual_distance", "paired_t_test"}
   assert names <= set(jaxmed.metrics.__all__)
   assert all(callable(getattr(jaxmed.metrics, n)) for n in names)

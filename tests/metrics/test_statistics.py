@@ -1,3 +1,5 @@
+import itertools
+
 import hypothesis.extra.numpy as hnp
 import jax
 import numpy as np
@@ -6,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from jaxmed.metrics import linear_cka, pearson, spearman
+from jaxmed.metrics import linear_cka, paired_t_test, pearson, spearman
 
 # Tests reuse a few shapes ((8,), (3, 4, n), (8, 4) / (8, 5)): every new shape costs a compilation.
 
@@ -136,3 +138,62 @@ def test_under_jit():
     np.testing.assert_allclose(jax.jit(fn)(x, y), fn(x, y), rtol=1e-6)
   a, b = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 5)).astype(np.float32)
   np.testing.assert_allclose(jax.jit(linear_cka)(a, b), linear_cka(a, b), rtol=1e-6)
+
+
+def test_paired_t_test_matches_scipy():
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(3, 4, 9))
+  # Per row a different true shift (none, small, large) and a 1e3 offset on the middle batch.
+  b = a + rng.normal(size=a.shape) * 0.5 + np.array([0.0, 0.3, -2.0])[:, None, None]
+  a[1] += 1e3
+  b[1] += 1e3
+  # |t| ~ 1e-3 on 200 pairs: p ~ 0.999, where df / (df + t^2) rounds to 1 in float32.
+  e, noise = rng.normal(size=(2, 200))
+  cases = [(a.astype(np.float32), b.astype(np.float32)),  # batched (3, 4, 9)
+           (a[0, 0, :2].astype(np.float32), b[0, 0, :2].astype(np.float32)),  # n = 2
+           (e.astype(np.float32), (e - noise + noise.mean() - 1e-4).astype(np.float32))]
+  for (x, y), alternative in itertools.product(cases, ["two-sided", "less", "greater"]):
+    t, p = paired_t_test(x, y, alternative=alternative)
+    assert t.shape == p.shape == x.shape[:-1] and t.dtype == p.dtype == np.float32
+    ref = stats.ttest_rel(x.astype(np.float64), y.astype(np.float64), axis=-1,
+                          alternative=alternative)
+    np.testing.assert_allclose(t, ref.statistic, rtol=2e-4)
+    np.testing.assert_allclose(p, ref.pvalue, rtol=2e-4, atol=1e-7, err_msg=alternative)
+  jitted = jax.jit(lambda x, y: paired_t_test(x, y, alternative="less"))
+  for ours, eager in zip(jitted(*cases[0]), paired_t_test(*cases[0], alternative="less")):
+    np.testing.assert_allclose(ours, eager, rtol=1e-6)
+  with jax.enable_x64(True):  # float64 input computes in float64: scipy to ~1e-12
+    t, p = paired_t_test(a, b)
+    ref = stats.ttest_rel(a, b, axis=-1)
+    assert p.dtype == np.float64
+    np.testing.assert_allclose(t, ref.statistic, rtol=1e-10)
+    np.testing.assert_allclose(p, ref.pvalue, rtol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore")  # scipy warns on every degenerate case
+def test_paired_t_test_degenerate_cases_match_scipy():
+  a = np.arange(9, dtype=np.float32).reshape(1, 9) * 0.25 + np.zeros((3, 1), np.float32)
+  # Equal arrays (t = 0 / 0), a constant positive and a constant negative difference.
+  b = a - np.array([[0.0], [0.5], [-1.5]], np.float32)
+  t, p = paired_t_test(a, b)
+  ref = stats.ttest_rel(a.astype(np.float64), b.astype(np.float64), axis=-1)
+  np.testing.assert_array_equal(t, ref.statistic)  # [nan, inf, -inf]
+  np.testing.assert_array_equal(p, ref.pvalue)  # [nan, 0, 0]
+  assert np.isnan(t[0]) and np.isposinf(t[1]) and np.isneginf(t[2])
+  for alternative in ("less", "greater"):  # [nan, 1, 0] and [nan, 0, 1]
+    ref = stats.ttest_rel(a, b, axis=-1, alternative=alternative).pvalue
+    np.testing.assert_array_equal(paired_t_test(a, b, alternative=alternative)[1], ref)
+  ref = stats.ttest_rel(a[:, :1], b[:, :1], axis=-1)  # n = 1: NaN
+  for ours, theirs in zip(paired_t_test(a[:, :1], b[:, :1]), ref):
+    assert np.isnan(ours).all() and np.isnan(theirs).all()
+
+
+def test_paired_t_test_bad_input():
+  with pytest.raises(ValueError, match=r"paired_t_test: a shape \(3,\) != b shape \(4,\)"):
+    paired_t_test(np.zeros(3), np.zeros(4))
+  with pytest.raises(ValueError, match="paired_t_test: b contains NaN or Inf"):
+    paired_t_test(np.zeros(3), np.array([0.0, np.nan, 1.0]))
+  with pytest.raises(ValueError, match="paired_t_test: a must be real"):
+    paired_t_test(np.zeros(3, np.complex64), np.zeros(3, np.complex64))
+  with pytest.raises(ValueError, match="alternative must be one of .*'two_sided'"):
+    paired_t_test(np.zeros(3), np.ones(3), alternative="two_sided")
