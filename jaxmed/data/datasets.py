@@ -67,6 +67,16 @@ def split_subjects(subjects, *, num_val: int, num_test: int, seed: int) -> dict[
           for name, idx in (("train", train), ("val", val), ("test", test))}
 
 
+def repeated_splits(subjects, *, repeats: int, num_val: int, num_test: int,
+                    seed: int) -> list[dict[str, list]]:
+  """``repeats`` random subject-level splits (seeds ``seed``, ``seed + 1``, ...), for repeating
+  an experiment over splits (source_identification Tables 1-2: 3 random splits)."""
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1; got {repeats}")
+  return [split_subjects(subjects, num_val=num_val, num_test=num_test, seed=seed + r)
+          for r in range(repeats)]
+
+
 def labeled_subset(subjects, *, num_labeled: int = 0, label_fraction: float = 1.0,
                    seed: int = 0) -> list:
   """The subjects whose labels fine-tuning may use: ``num_labeled`` of them if > 0, else

@@ -7,11 +7,13 @@ Augmentations run on device inside the jitted train step (`jaxmed.data.transform
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grain
 import jax
 import numpy as np
+
+ExampleTransform = Callable[[dict, np.random.Generator], dict]
 
 
 class ArraySource(grain.sources.RandomAccessDataSource):
@@ -41,12 +43,18 @@ class ArraySource(grain.sources.RandomAccessDataSource):
 
 
 def train_iterator(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,
-                   process_index: int | None = None, process_count: int | None = None):
+                   process_index: int | None = None, process_count: int | None = None,
+                   transform: ExampleTransform | None = None):
   """Endless iterator of this process's share of each global batch.
 
   Each process reads a disjoint, strided shard of the examples, reshuffled every epoch from
   ``seed``, and yields ``global_batch_size / process_count`` examples per step (assemble the
   global array with `jaxmed.train.sharding.global_batch`).
+
+  ``transform(example, rng) -> example``, if given, runs on the host on every example before
+  batching (e.g. to gather the partner slices of source identification); its
+  ``np.random.Generator`` is seeded from ``seed`` and the example's position in the endless
+  stream, so every epoch draws afresh and a restored iterator draws the same.
 
   Returns:
     a `grain.DatasetIterator` of dicts of ``(local_batch, ...)`` numpy arrays, with
@@ -62,6 +70,8 @@ def train_iterator(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, 
     raise ValueError(f"{len(source)} examples cannot be sharded over {process_count} processes")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(None)
+  if transform is not None:
+    ds = ds.random_map(transform, seed=seed + 1)
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   return iter(ds.to_iter_dataset())
 
