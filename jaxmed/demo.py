@@ -32,7 +32,7 @@ from jaxmed.train.defaults import base_config
 def demo_configs(quick: bool = False):
   """``(pretrain_config, finetune_config)`` of the demo; ``quick`` for smoke tests."""
   pre = base_config()
-  pre.method = "inpainting"
+  pre.method = "restoration"
   pre.data.num_subjects = 8 if quick else 24
   pre.data.num_val = 0
   pre.data.num_test = 2 if quick else 8
@@ -44,7 +44,7 @@ def demo_configs(quick: bool = False):
   pre.checkpoint.every = 0
   pre.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=2 if quick else 20,
                    weight_decay=0.0, grad_clip=1.0)
-  pre.pretext.update(grid=8, keep_prob=0.7)
+  pre.pretext.update(corruption="inpaint", grid=8, keep_prob=0.7)
 
   ft = base_config()
   ft.method = "segmentation"

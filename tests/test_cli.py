@@ -18,7 +18,7 @@ def _run(*args):
 
 
 def test_typo_in_a_config_override_is_an_error(tmp_path):
-  proc = _run("train", "--config", "configs/inpainting.py", "--workdir", str(tmp_path),
+  proc = _run("train", "--config", "configs/restoration.py", "--workdir", str(tmp_path),
               "--config.optim.lrr=0.1")
   assert proc.returncode != 0
   assert "lrr" in proc.stderr and "Did you mean" in proc.stderr
@@ -48,11 +48,11 @@ def test_sweep_runs_locally_and_writes_slurm_script(tmp_path):
     assert os.path.exists(tmp_path / "local" / run / "test_dice.json")
   assert "| 002 |" in proc.stdout  # each run prints its Dice table
 
-  proc = _run("sweep", "--config", "configs/inpainting.py:size=small", "--workdir",
+  proc = _run("sweep", "--config", "configs/restoration.py:size=small", "--workdir",
               str(tmp_path / "slurm"), "--slurm", "--config.total_steps=7")
   assert proc.returncode == 0, proc.stderr[-3000:]
   script = open(tmp_path / "slurm" / "sweep.sbatch").read()
-  assert "#SBATCH --array=0-5" in script
-  assert "--config.pretext.grid=16 --config.pretext.keep_prob=0.75" in script
-  assert "configs/inpainting.py:size=small" in script and "--config.total_steps=7" in script
+  assert "#SBATCH --array=0-17" in script
+  assert "--config.pretext.grid=64 --config.pretext.keep_prob=0.75" in script
+  assert "configs/restoration.py:size=small" in script and "--config.total_steps=7" in script
   subprocess.run(["bash", "-n", str(tmp_path / "slurm" / "sweep.sbatch")], check=True)

@@ -1,18 +1,23 @@
 """Training methods; a config names one by ``config.method``."""
 
 from jaxmed.methods.base import Method
-from jaxmed.methods.inpainting import InpaintingMethod
+from jaxmed.methods.context_prediction import ContextPredictionMethod
+from jaxmed.methods.reconstruction import ReconstructionMethod
+from jaxmed.methods.restoration import RestorationMethod
 from jaxmed.methods.segmentation import SegmentationMethod
+from jaxmed.methods.si import SourceIdentificationMethod
 
-METHODS = {m.name: m for m in (InpaintingMethod, SegmentationMethod)}
+METHODS = {m.name: m for m in (ContextPredictionMethod, ReconstructionMethod, RestorationMethod,
+                               SegmentationMethod, SourceIdentificationMethod)}
 
 
 def get_method(config) -> Method:
-  """The method named by ``config.method``, built from ``config``."""
+  """The `Method` named by ``config.method``."""
   name = config.method
   if name not in METHODS:
-    raise ValueError(f"config.method must be one of {sorted(METHODS)}; got {name!r}")
+    raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
   return METHODS[name](config)
 
 
-__all__ = ["METHODS", "Method", "InpaintingMethod", "SegmentationMethod", "get_method"]
+__all__ = ["METHODS", "Method", "ContextPredictionMethod", "ReconstructionMethod",
+           "RestorationMethod", "SegmentationMethod", "SourceIdentificationMethod", "get_method"]

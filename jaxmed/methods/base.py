@@ -14,11 +14,13 @@ Everything in `loss` runs inside the trainer's jitted, sharded step: pure, stati
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -53,6 +55,12 @@ class Method(abc.ABC):
   @abc.abstractmethod
   def loss(self, variables, batch, key, *, train: bool) -> tuple[jax.Array, dict, dict]:
     """``(scalar float32 loss, metrics dict of scalars, updated non-param collections)``."""
+
+  def example_transform(self, arrays) -> Callable[[dict, np.random.Generator], dict] | None:
+    """An optional host-side transform of every training example, given all training ``arrays``
+    (`jaxmed.data.pipeline.train_iterator`); None (the default) leaves examples as they are."""
+    del arrays
+    return None
 
   def init(self, key, batch) -> dict[str, Any]:
     """Flax variables for the model, shaped by ``batch``."""

@@ -31,6 +31,7 @@ from jaxmed.train import optim, sharding
 from jaxmed.train.state import TrainState
 
 EvalHook = Callable[[int, TrainState], Mapping[str, float]]
+StopRule = Callable[[int, Mapping[str, float]], bool]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,6 +44,7 @@ class TrainResult:
   method: methods_lib.Method
   last_metrics: dict
   preempted: bool = False
+  stopped_early: bool = False
 
 
 def _init_compiler_options():
@@ -154,7 +156,8 @@ def setup(config, method, example_batch, mesh):
 def train(config, workdir: str, *, method: methods_lib.Method | None = None,
           train_arrays: Mapping[str, np.ndarray] | None = None,
           init_variables: Callable[[dict], dict] | None = None,
-          hooks: Sequence[EvalHook] = (), progress: bool = True) -> TrainResult:
+          hooks: Sequence[EvalHook] = (), stop: StopRule | None = None,
+          progress: bool = True) -> TrainResult:
   """Trains ``config.method`` on ``config.data`` (or ``train_arrays``) into ``workdir``.
 
   Args:
@@ -167,6 +170,8 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
       ignored when resuming from a checkpoint.
     hooks: evaluation hooks ``(step, state) -> metrics``, run every ``config.eval_every`` steps
       and at the end; their metrics are logged with that step.
+    stop: early stopping: ``stop(step, metrics) -> bool`` is asked after every evaluation with
+      the logged metrics; True saves a checkpoint and ends training (``stopped_early``).
     progress: show a console progress bar.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -183,9 +188,14 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     raise ValueError(f"batch_size={batch_size} must be divisible by optim.accum_steps={accum} x "
                      f"{mesh.size} devices")
 
+  transform = method.example_transform(train_arrays)
   data_iter = pipeline.train_iterator(train_arrays, global_batch_size=batch_size,
-                                      seed=int(config.seed))
-  example = {k: np.zeros((batch_size, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()}
+                                      seed=int(config.seed), transform=transform)
+  first = {k: v[0] for k, v in train_arrays.items()}
+  if transform is not None:
+    first = transform(first, np.random.default_rng(0))
+  example = {k: np.zeros((batch_size, *np.shape(v)), np.asarray(v).dtype)
+             for k, v in first.items()}
   state, step_fn, state_sh = setup(config, method, example, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(config.checkpoint.get("keep", 3)),
@@ -206,7 +216,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   log_every, eval_every = int(config.log_every), int(config.get("eval_every", 0))
   ckpt_every = int(config.checkpoint.get("every", 0))
   max_nonfinite = int(config.get("max_nonfinite", 10))
-  last, preempted = {}, False
+  last, preempted, stopped_early = {}, False, False
   try:
     with ckpt_lib.PreemptionFlag() as flag:
       for step in range(start + 1, total_steps + 1):
@@ -230,6 +240,11 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
             raise NonFiniteLossError(
                 f"{int(last['nonfinite_streak'])} consecutive steps up to step {step} had a "
                 f"non-finite loss or gradient (max_nonfinite={max_nonfinite})")
+        if do_eval and stop is not None and not final and stop(step, last):
+          checkpointer.save(step, state, data_iter, force=True)
+          stopped_early = True
+          logging.info("early stop at step %d", step)
+          break
         if flag.should_stop(step):
           checkpointer.save(step, state, data_iter, force=True)
           checkpointer.wait()
@@ -242,4 +257,5 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     checkpointer.close()
     writer.close()
     bar.close()
-  return TrainResult(state=state, method=method, last_metrics=last, preempted=preempted)
+  return TrainResult(state=state, method=method, last_metrics=last, preempted=preempted,
+                     stopped_early=stopped_early)

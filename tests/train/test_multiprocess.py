@@ -24,7 +24,7 @@ def _start_two_processes(workdir, total_steps):
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/inpainting.py",
+      [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/restoration.py",
        "--workdir", str(workdir), "--noprogress", "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
        *tiny_flags(), "--config.checkpoint.every=10", "--config.tensorboard=False",

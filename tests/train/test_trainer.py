@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxmed import methods as methods_lib
-from jaxmed.methods import InpaintingMethod, get_method
+from jaxmed.methods import RestorationMethod, get_method
 from jaxmed.train import checkpoint, sharding, trainer
 from jaxmed.train.logging import read_metrics
 from jaxmed.train.state import TrainState
@@ -31,7 +31,7 @@ def _one_step(config, arrays, mesh, accum=1):
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("method", ["inpainting", "segmentation"])
+@pytest.mark.parametrize("method", ["restoration", "segmentation"])
 def test_same_loss_on_1_and_4_devices(tiny_config, tiny_arrays, method):
   assert jax.device_count() == 4
   tiny_config.method = method
@@ -61,7 +61,7 @@ def test_mesh_errors():
     sharding.make_mesh({"num_devices": 8})
 
 
-class _Autoencoder(InpaintingMethod):
+class _Autoencoder(RestorationMethod):
   """A per-example, deterministic loss (identity regression), so that accumulating gradients
   over micro-batches is exactly the full-batch gradient."""
 
@@ -128,7 +128,7 @@ def test_checkpointer_refuses_nonfinite_state(tmp_path):
 
 
 def _train_cmd(workdir, *flags):
-  return [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/inpainting.py",
+  return [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/restoration.py",
           "--workdir", str(workdir), "--noprogress", *tiny_flags(), "--config.tensorboard=False",
           *flags]
 

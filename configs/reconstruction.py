@@ -1,0 +1,48 @@
+"""Reconstruction of 4x-undersampled MRI by a 2D UNet (ssfd_feature_distance Sec. 2.1).
+
+    jaxmed train --config configs/reconstruction.py --workdir /tmp/recon
+    jaxmed train --config configs/reconstruction.py:size=small --workdir /tmp/recon
+    jaxmed train --config configs/reconstruction.py --config.data.source=nifti \
+        --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
+    jaxmed sweep --config configs/reconstruction.py --workdir /tmp/recon_sweep
+
+The sweep trains one model per acceleration (2, 4, 6, 8), giving reconstructions of graded
+quality for the SSFD / SSIM / PSNR comparison of Sec. 2.3.
+"""
+
+from jaxmed.train.defaults import base_config, make_small, parse_arg
+
+ACCELERATIONS = (2, 4, 6, 8)
+
+
+def center_fraction(acceleration) -> float:
+  """fastMRI's pairing 4x -> 0.08, 8x -> 0.04, i.e. ``0.32 / acceleration``."""
+  return round(0.32 / acceleration, 4)
+
+
+def get_config(arg: str = ""):
+  """``arg``: comma-separated ``key=value``; ``size=small`` for a CPU-sized run."""
+  args = parse_arg(arg, {"size": ""}, config="reconstruction")
+  c = base_config()
+  c.method = "reconstruction"
+  c.data.modalities = ("t2",)
+  # Sec. 2.1: 4 levels, 32-256 filters, 2 convolutions per level. The paper does not say how
+  # levels are down-sampled; we pool, as fastMRI's reconstruction UNet does (it average-pools;
+  # jaxmed's UNet offers max-pooling).
+  c.model.features = (32, 64, 128, 256)
+  c.model.downsample = "maxpool"
+  c.optim.name = "adam"
+  c.optim.lr = 1e-3
+  c.optim.schedule = "constant"
+  c.optim.weight_decay = 0.0
+  c.mri.mask = "random"
+  c.mri.accelerations = (4,)
+  c.mri.center_fractions = (center_fraction(4),)
+  return make_small(c) if args["size"] == "small" else c
+
+
+def get_sweep(arg: str = ""):
+  """One run per acceleration, each with fastMRI's centre fraction for it."""
+  del arg
+  return [{"mri.accelerations": (a,), "mri.center_fractions": (center_fraction(a),)}
+          for a in ACCELERATIONS]
