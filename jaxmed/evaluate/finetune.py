@@ -76,17 +76,31 @@ def evaluate_subjects(method: SegmentationMethod, variables, subjects, *,
   """3D Dice per subject and region, and the mean over subjects (nan-aware: a region absent
   from both prediction and ground truth is skipped).
 
+  With several regions (BraTS WT/TC/ET) a last column ``All`` is the Dice of the regions taken
+  together (source_identification Table 1: the region channels concatenated, not merged).
+
   Returns:
-    ``{"subjects": [ids], "dice": (S, R) array, "mean": {region: float}}``.
+    ``{"subjects": [ids], "regions": names, "dice": (S, R[+1]) array, "mean": {name: float}}``.
   """
+  names = region_columns(method.regions)
   rows = []
   for s in subjects:
     pred = predict_volume(method, variables, s.image, batch_size=batch_size)
-    rows.append(np.asarray(dice(pred[None], s.regions[None]))[0])
+    row = np.asarray(dice(pred[None], s.regions[None]))[0]
+    if len(names) > len(method.regions):
+      row = np.append(row, np.asarray(dice(pred.reshape(1, -1, 1),
+                                           s.regions.reshape(1, -1, 1)))[0])
+    rows.append(row)
   table = np.stack(rows)
   mean = _nanmean(table)
-  return {"subjects": [s.subject_id for s in subjects], "dice": table,
-          "mean": dict(zip(method.regions, map(float, mean)))}
+  return {"subjects": [s.subject_id for s in subjects], "regions": names, "dice": table,
+          "mean": dict(zip(names, map(float, mean)))}
+
+
+def region_columns(regions) -> tuple[str, ...]:
+  """Result columns for ``regions``: the regions, then ``All`` when there are several."""
+  regions = tuple(regions)
+  return regions + ("All",) if len(regions) > 1 else regions
 
 
 def _nanmean(table, reduce=np.nanmean):
@@ -111,15 +125,49 @@ def dice_table(results: dict[str, dict]) -> str:
 
 @dataclasses.dataclass
 class FinetuneResult:
+  """What `finetune` returns: test results of the tested weights, the final train state, the
+  method, the labelled subjects' ids, and the early-stopping record (``best_step`` is the step
+  whose weights were tested; ``stopped_early`` whether training ended before total_steps)."""
   test: dict
   state: object
   method: SegmentationMethod
   labeled_subjects: list
+  best_step: int
+  stopped_early: bool = False
+
+
+class EarlyStopping:
+  """Tracks the mean validation Dice (Sec. 5.5.3): remembers the best weights (a host copy) and
+  asks to stop after ``patience`` evaluations without improvement (0: never stops)."""
+
+  def __init__(self, patience: int):
+    if patience < 0:
+      raise ValueError(f"finetune.patience must be >= 0; got {patience}")
+    self.patience = patience
+    self.best_score, self.best_step, self.best_variables = -np.inf, 0, None
+    self.since_best = 0
+
+  def update(self, step: int, score: float, variables) -> None:
+    """Records an evaluation; ``score`` nan (no region present anywhere) counts as no gain."""
+    if np.isfinite(score) and score > self.best_score:
+      self.best_score, self.best_step, self.since_best = score, step, 0
+      self.best_variables = jax.device_get(variables)
+    else:
+      self.since_best += 1
+
+  def should_stop(self, step, metrics) -> bool:
+    del step, metrics
+    return bool(self.patience) and self.since_best >= self.patience
 
 
 def finetune(config, workdir: str, *, pretrained: dict | None = None,
              splits: dict | None = None, progress: bool = True) -> FinetuneResult:
   """Fine-tunes (or, without pre-trained weights, trains from scratch) and tests.
+
+  With validation subjects, the mean validation Dice is computed every ``config.eval_every``
+  steps (and at the end); with ``finetune.patience > 0`` training stops after that many
+  evaluations without improvement and the best validation weights are tested (early stopping,
+  source_identification Sec. 5.5.3); otherwise the final weights are.
 
   Args:
     config: a segmentation config (``configs/finetune.py``).
@@ -137,23 +185,35 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
     pretrained = checkpoint.load_variables(ft.init_from)
   method = SegmentationMethod(config)
   init = None if pretrained is None else (lambda fresh: transfer_variables(pretrained, fresh))
+  patience = int(ft.get("patience", 0))
+  if patience and not splits["val"]:
+    raise ValueError("finetune.patience > 0 (early stopping) needs validation subjects; "
+                     "set data.num_val > 0")
+  early = EarlyStopping(patience)
   hooks = []
   if splits["val"]:
     def val_hook(step, state):
-      del step
       result = evaluate_subjects(method, state.variables, splits["val"],
                                  batch_size=int(ft.eval_batch_size))
-      return {f"val/dice_{k}": v for k, v in result["mean"].items()}
+      per_region = [result["mean"][r] for r in method.regions]
+      early.update(step, float(_nanmean(np.asarray(per_region))), state.variables)
+      return {**{f"val/dice_{k}": v for k, v in result["mean"].items()},
+              "val/best_step": early.best_step}
     hooks.append(val_hook)
   result = trainer.train(config, workdir, method=method, train_arrays=arrays,
-                         init_variables=init, hooks=hooks, progress=progress)
-  test = evaluate_subjects(method, result.state.variables, splits["test"],
-                           batch_size=int(ft.eval_batch_size))
+                         init_variables=init, hooks=hooks,
+                         stop=early.should_stop if patience else None, progress=progress)
+  tested, best_step = result.state.variables, int(result.state.step)
+  if patience and early.best_variables is not None:
+    tested, best_step = early.best_variables, early.best_step
+  test = evaluate_subjects(method, tested, splits["test"], batch_size=int(ft.eval_batch_size))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "test_dice.json"), "w") as f:
-      json.dump({"subjects": test["subjects"], "regions": list(method.regions),
+      json.dump({"subjects": test["subjects"], "regions": list(test["regions"]),
                  "dice": np.where(np.isnan(test["dice"]), None, test["dice"]).tolist(),
-                 "mean": test["mean"],
+                 "mean": test["mean"], "tested_step": best_step,
+                 "stopped_early": result.stopped_early,
                  "labeled_subjects": [s.subject_id for s in labeled]}, f, indent=1)
   return FinetuneResult(test=test, state=result.state, method=method,
-                        labeled_subjects=[s.subject_id for s in labeled])
+                        labeled_subjects=[s.subject_id for s in labeled], best_step=best_step,
+                        stopped_early=result.stopped_early)

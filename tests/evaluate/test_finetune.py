@@ -8,7 +8,7 @@ import pytest
 from jaxmed.cli import apply_overrides
 from jaxmed.data import datasets
 from jaxmed.evaluate import finetune
-from jaxmed.methods import InpaintingMethod, SegmentationMethod
+from jaxmed.methods import RestorationMethod, SegmentationMethod
 from jaxmed.train import checkpoint, trainer
 
 
@@ -18,7 +18,7 @@ def _variables(method, channels):
 
 
 def test_transfer_replaces_input_and_output_layers_only(tiny_config):
-  pre = _variables(InpaintingMethod(tiny_config), 8)  # e.g. 2 mixtures x 4 modalities
+  pre = _variables(RestorationMethod(tiny_config), 8)  # e.g. 2 mixtures x 4 modalities
   tiny_config.method = "segmentation"
   fresh = _variables(SegmentationMethod(tiny_config), 4)
   out = finetune.transfer_variables(pre, fresh)
@@ -30,9 +30,9 @@ def test_transfer_replaces_input_and_output_layers_only(tiny_config):
 
 
 def test_transfer_lists_mismatches(tiny_config):
-  pre = _variables(InpaintingMethod(tiny_config), 4)
+  pre = _variables(RestorationMethod(tiny_config), 4)
   tiny_config.model.features = (4, 16)
-  fresh = _variables(InpaintingMethod(tiny_config), 4)
+  fresh = _variables(RestorationMethod(tiny_config), 4)
   with pytest.raises(ValueError, match=r"(?s)cannot transfer.*bottleneck.*shape"):
     finetune.transfer_variables(pre, fresh)
 
@@ -50,9 +50,9 @@ def test_pretrain_then_finetune_end_to_end(tiny_config, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded["params"]["bottleneck"],
                jax.device_get(pre.state.params["bottleneck"]))
   assert len(result.labeled_subjects) == 2
-  assert set(result.test["mean"]) == {"WT", "TC", "ET"}
+  assert set(result.test["mean"]) == {"WT", "TC", "ET", "All"}
   report = json.load(open(tmp_path / "ft" / "test_dice.json"))
-  assert report["regions"] == ["WT", "TC", "ET"] and len(report["dice"]) == 1
+  assert report["regions"] == ["WT", "TC", "ET", "All"] and len(report["dice"]) == 1
   records = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
   assert "val/dice_WT" in records[-1] and records[-1]["step"] == 4
 
