@@ -2,14 +2,14 @@
 
     jaxmed train --config configs/context_prediction.py --workdir /tmp/ssfd
     jaxmed train --config configs/context_prediction.py:size=small --workdir /tmp/ssfd
-    jaxmed train --config configs/context_prediction.py --config.data.source=nifti \
+    jaxmed train --config configs/context_prediction.py \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,192,192 --workdir ...
 
 An SSFD UNet (5 levels, 20-320 filters, GroupNorm with 10 groups, dropout 0.1) in-paints
 zero-filled 16 x 16 patches covering 25% of each z-scored slice, placed by Poisson-disc
 sampling, under an L2 loss with Adam. The paper does not give the learning rate; 1e-3 (Adam's
 usual default) with a constant schedule is used. One modality, phantoms by default (in-plane
-128 x 128 so that 25% is 16 patches); NIfTI with ``--config.data.source=nifti``. In-plane sizes
+128 x 128 so that 25% is 16 patches); a NIfTI folder when ``--config.data.root`` is given. In-plane sizes
 must be divisible by ``2**model.num_pool_layers`` (16).
 
 ``arg``: ``size=small`` for a CPU-sized run (64 x 64 slices, 10-160 filters, 100 steps).

@@ -2,7 +2,7 @@
 
     jaxmed train --config configs/reconstruction.py --workdir /tmp/recon
     jaxmed train --config configs/reconstruction.py:size=small --workdir /tmp/recon
-    jaxmed train --config configs/reconstruction.py --config.data.source=nifti \
+    jaxmed train --config configs/reconstruction.py \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
     jaxmed sweep --config configs/reconstruction.py --workdir /tmp/recon_sweep
 

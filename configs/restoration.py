@@ -5,14 +5,14 @@ non-linear intensity shift (Eq. 11), under the L1 + L2 loss (Eq. 4).
     jaxmed train --config configs/restoration.py --workdir /tmp/inpaint
     jaxmed train --config configs/restoration.py:corruption=local_shuffle,size=small \
         --workdir /tmp/shuffle
-    jaxmed train --config configs/restoration.py:corruption=intensity --config.data.source=nifti \
+    jaxmed train --config configs/restoration.py:corruption=intensity \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
     jaxmed sweep --config configs/restoration.py:corruption=super_resolution --workdir ...
 
 ``arg``: comma-separated ``key=value``: ``corruption`` (inpaint, local_shuffle,
 super_resolution, intensity; default inpaint) and ``size=small`` for a CPU-sized run. The
 optimiser (SGD, momentum 0.99, lr 1e-2, poly decay, weight decay 3e-5; Sec. 5.5.3) comes from
-`base_config`. Phantoms by default; NIfTI with ``--config.data.source=nifti``.
+`base_config`. Phantoms by default; a NIfTI folder when ``--config.data.root`` is given.
 """
 
 from jaxmed.methods.restoration import CORRUPTIONS

@@ -3,7 +3,7 @@
     jaxmed train --config configs/si.py --workdir /tmp/si                      # CSI
     jaxmed train --config configs/si.py:strategy=within,size=small --workdir /tmp/wsi
     jaxmed train --config configs/si.py:strategy=denoise --workdir /tmp/dsi
-    jaxmed train --config configs/si.py --config.data.source=nifti \
+    jaxmed train --config configs/si.py \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
     jaxmed sweep --config configs/si.py --workdir /tmp/si_sweep                # Fig. 5
 """

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -94,7 +95,7 @@ def data_config(args):
   c.update(modalities=(args.modality,), num_subjects=args.num_subjects, shape=tuple(args.shape),
            num_val=0, num_test=args.num_test, seed=args.seed)
   if args.data_root:
-    c.update(source="nifti", root=args.data_root)
+    c.root = args.data_root  # data.source "auto": a NIfTI folder
   return c
 
 
@@ -396,6 +397,7 @@ def main(argv=None):
     log_lines.append(msg)
 
   work = tempfile.mkdtemp(prefix="jaxmed-ssfd-")
+  trainer.enable_compilation_cache(os.path.join(work, "jit-cache"))
   data_cfg = data_config(args)
   subjects = datasets.load_subjects(data_cfg)
   split = datasets.split_subjects(subjects, num_val=0, num_test=args.num_test, seed=args.seed)
@@ -485,6 +487,7 @@ def main(argv=None):
       "![fig4](fig4_context_prediction.png)", "", "## Log", "", "```", *log_lines, "```"]
   with open(os.path.join(args.out, "report.md"), "w") as f:
     f.write("\n".join(report) + "\n")
+  shutil.rmtree(work, ignore_errors=True)  # per-run checkpoints and the compilation cache
   print(f"wrote {args.out}/report.md ({elapsed / 60:.1f} min)")
 
 

@@ -1,8 +1,9 @@
 """Subjects from a config (synthetic phantoms or a NIfTI folder), subject-level splits, 2D slices.
 
 Config fields (``config.data``):
-  source: "synthetic" (embedded phantoms, the default) or "nifti" (``root`` folder).
-  root: NIfTI folder for source "nifti" (BraTS layout ``<case>/<case>_<name>.nii.gz``).
+  source: "auto" (the default: "nifti" when ``root`` is set, else "synthetic"), "synthetic"
+    (embedded phantoms) or "nifti" (``root`` folder).
+  root: NIfTI folder (BraTS layout ``<case>/<case>_<name>.nii.gz``).
   modalities: channel names to use, e.g. ("t1", "t1ce", "t2", "flair").
   seg: segmentation file name for NIfTI folders ("" = none). pattern: file name pattern.
   pathology: "tumour" (BraTS labels / WT-TC-ET regions) or "wmh".
@@ -25,11 +26,12 @@ SPLITS = ("train", "val", "test")
 
 def load_subjects(cfg) -> list[Subject]:
   """All subjects of the configured source, channels restricted to ``cfg.modalities``."""
-  if cfg.source == "synthetic":
+  source = resolve_source(cfg)
+  if source == "synthetic":
     subjects = synthetic.make_subjects(int(cfg.num_subjects), seed=int(cfg.seed),
                                        shape=tuple(cfg.shape), pathology=cfg.pathology,
                                        noise=float(cfg.get("noise", 0.03)))
-  elif cfg.source == "nifti":
+  else:
     if not cfg.get("root"):
       raise ValueError("data.root must name a NIfTI folder when data.source='nifti'")
     kwargs = {"modalities": tuple(cfg.modalities), "seg": cfg.get("seg") or None,
@@ -37,9 +39,18 @@ def load_subjects(cfg) -> list[Subject]:
     if cfg.get("pattern"):
       kwargs["pattern"] = cfg.pattern
     subjects = nifti.read_folder(cfg.root, **kwargs)
-  else:
-    raise ValueError(f"data.source must be 'synthetic' or 'nifti'; got {cfg.source!r}")
   return [select_modalities(s, tuple(cfg.modalities)) for s in subjects]
+
+
+def resolve_source(cfg) -> str:
+  """``"synthetic"`` or ``"nifti"``: ``data.source``, with "auto" meaning NIfTI when
+  ``data.root`` is set."""
+  source = cfg.get("source", "auto")
+  if source == "auto":
+    return "nifti" if cfg.get("root") else "synthetic"
+  if source not in ("synthetic", "nifti"):
+    raise ValueError(f"data.source must be 'auto', 'synthetic' or 'nifti'; got {source!r}")
+  return source
 
 
 def select_modalities(subject: Subject, modalities: tuple[str, ...]) -> Subject:

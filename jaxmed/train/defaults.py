@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       downsample="conv", dtype="float32", chans=20, num_pool_layers=4))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="synthetic", root="", modalities=MODALITIES, seg="seg", pattern="",
+      source="auto", root="", modalities=MODALITIES, seg="seg", pattern="",
       pathology="tumour", num_subjects=24, shape=(64, 64, 64), noise=0.03, crop=(), seed=0,
       num_val=2, num_test=6, min_foreground=0.2))
   c.data.augment = ml_collections.ConfigDict(dict(

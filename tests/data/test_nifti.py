@@ -571,7 +571,7 @@ def test_write_case_round_trip_and_training_from_a_nifti_config(tmp_path):
   assert back.modalities == synthetic.MODALITIES and back.spacing == (1.0, 1.0, 1.0)
 
   config = apply_overrides(base_config(), {
-      "data.source": "nifti", "data.root": str(tmp_path / "brats"), "data.crop": (16, 16, 16),
+      "data.root": str(tmp_path / "brats"), "data.crop": (16, 16, 16),  # source "auto": NIfTI
       "data.modalities": ("flair", "t1ce"), "data.num_val": 0, "data.num_test": 1,
       "model.features": (4, 8), "batch_size": 4, "total_steps": 2, "log_every": 1,
       "tensorboard": False, "checkpoint.every": 0})
@@ -582,3 +582,9 @@ def test_write_case_round_trip_and_training_from_a_nifti_config(tmp_path):
   assert np.isfinite(s.image).all() and s.image.std() > 0.5  # z-scored, not raw phantom values
   result = trainer.train(config, str(tmp_path / "run"), progress=False)
   assert int(result.state.step) == 2 and np.isfinite(result.last_metrics["loss"])
+  # An explicit source wins over the root; an unknown one is named.
+  config.data.update(source="synthetic", num_subjects=3, shape=(16, 16, 16))
+  assert datasets.load_subjects(config.data)[0].subject_id.startswith("phantom")
+  config.data.source = "dicom"
+  with pytest.raises(ValueError, match="data.source must be 'auto', 'synthetic' or 'nifti'"):
+    datasets.load_subjects(config.data)

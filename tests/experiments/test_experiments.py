@@ -20,14 +20,16 @@ def test_source_identification_tables_and_figures(tmp_path):
       "--repeats", "2", "--num-subjects", "6", "--num-val", "1", "--num-test", "1",
       "--few-labels", "1", "--shape", "16", "32", "32", "--features", "4", "8",
       "--batch-size", "4", "--pretrain-steps", "2", "--finetune-steps", "2", "--eval-every", "1",
-      "--patience", "1", "--fig5-strategies", "CSI", "--fig5-sources", "3,2"])
+      "--patience", "1", "--fig5-strategies", "CSI", "--fig5-sources", "3,2 5,3"])
   report = (out / "report.md").read_text()
   for heading in ("Table 1: all training labels", "Table 2: 1 labelled training subjects",
                   "Fig. 5"):
     assert heading in report
   assert "| method | WT | TC | ET | All |" in report
   assert "| Cross-patients SI |" in report and "| tumour | CSI |" in report
-  assert "| dataset | strategy | N=3, Ñ=2 |" in report
+  assert "| dataset | strategy | N=3, Ñ=2 | N=5, Ñ=3 |" in report
+  # The tables' own (N, N~) = (5, 3) is not trained again for Fig. 5.
+  assert "CSI N=5 N~=3: mean Dice" in report and "(the table's run)" in report
   for png in ("fig5_num_sources.png", "pretext_examples.png"):
     assert (out / png).stat().st_size > 1000
   scores = np.load(out / "scores.npz")
