@@ -3,12 +3,13 @@
 
     python experiments/source_identification.py --out runs/si          # default small size
     python experiments/source_identification.py --out runs/si --repeats 3 --num-subjects 40 \
-        --pretrain-steps 2000 --finetune-steps 2000 --shape 64 96 96   # closer to the paper
+        --pretrain-steps 2000 --finetune-steps 2000 --shape 64 96 96 \
+        --datasets tumour,wmh                                          # closer to the paper
     python experiments/source_identification.py --out runs/si --data-root /data/BraTS2018 \
         --datasets tumour                                              # your own NIfTI files
 
-For every dataset (BraTS-like tumours: WT / TC / ET / All; white matter hyperintensities: WMH)
-and every repeat (a random subject split: train / val / test), each row of the tables is
+For every dataset (BraTS-like tumours: WT / TC / ET / All, the default; white matter
+hyperintensities: WMH, with ``--datasets tumour,wmh``) and every repeat (a random subject split: train / val / test), each row of the tables is
 pre-trained on the training subjects' slices without labels, then fine-tuned on all training
 labels (Table 1) and on a few subjects' labels (Table 2) with the protocol of Sec. 5.5 (new
 input / output layers, rotation / scaling / flip / elastic augmentation, early stopping on the
@@ -70,7 +71,8 @@ SETTINGS = ("full", "few")
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="runs/source_identification")
-  p.add_argument("--datasets", default="tumour,wmh", help="comma-separated: tumour, wmh")
+  p.add_argument("--datasets", default="tumour", help="comma-separated: tumour, wmh (the WMH "
+                 "phantoms' lesions, 10-60 voxels at the default size, need many more steps)")
   p.add_argument("--data-root", default="", help="a NIfTI folder instead of phantoms "
                  "(use with a single --datasets entry)")
   p.add_argument("--modalities", default="", help="comma-separated channels (default: all "
@@ -83,14 +85,16 @@ def parse_args(argv=None):
   p.add_argument("--shape", type=int, nargs=3, default=(32, 48, 48), metavar=("D", "H", "W"))
   p.add_argument("--features", type=int, nargs="+", default=(8, 16, 32, 64))
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--pretrain-steps", type=int, default=100)
-  p.add_argument("--finetune-steps", type=int, default=160)
+  p.add_argument("--pretrain-steps", type=int, default=150)
+  p.add_argument("--finetune-steps", type=int, default=300)
   p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                  help="sgd: the paper's SGD (momentum 0.99, lr 1e-2, poly, weight decay 3e-5); "
                  "adam (default): Adam with warm-up + cosine, which learns in the few hundred "
                  "steps of the default size (SGD stays at the all-background solution there)")
-  p.add_argument("--eval-every", type=int, default=40)
+  p.add_argument("--eval-every", type=int, default=50)
   p.add_argument("--patience", type=int, default=2)
+  p.add_argument("--min-steps", type=int, default=None,
+                 help="no early stop before this step (default: half of --finetune-steps)")
   p.add_argument("--rows", default=",".join(ROWS), help="comma-separated table rows")
   p.add_argument("--no-fig5", action="store_true", help="skip Fig. 5")
   p.add_argument("--fig5-strategies", default=",".join(FIG5_STRATEGIES),
@@ -127,6 +131,8 @@ def make_configs(args, pathology: str):
   ft.log_every = max(1, args.finetune_steps // 4)
   ft.eval_every = args.eval_every
   ft.finetune.patience = args.patience
+  ft.finetune.min_steps = (args.finetune_steps // 2 if args.min_steps is None
+                           else args.min_steps)
   if args.optimizer == "adam":
     ft.optim.update(lr=5e-3, warmup_steps=20)
   ft.data.augment.update(enabled=True, flip=True, rotation=15.0, scale=(0.85, 1.25),

@@ -138,12 +138,16 @@ class FinetuneResult:
 
 class EarlyStopping:
   """Tracks the mean validation Dice (Sec. 5.5.3): remembers the best weights (a host copy) and
-  asks to stop after ``patience`` evaluations without improvement (0: never stops)."""
+  asks to stop after ``patience`` evaluations without improvement (0: never stops), but never
+  before step ``min_steps``: a segmentation network first sits on the all-background plateau
+  (validation Dice 0) while its loss still falls, and stopping there tests an untrained model."""
 
-  def __init__(self, patience: int):
+  def __init__(self, patience: int, min_steps: int = 0):
     if patience < 0:
       raise ValueError(f"finetune.patience must be >= 0; got {patience}")
-    self.patience = patience
+    if min_steps < 0:
+      raise ValueError(f"finetune.min_steps must be >= 0; got {min_steps}")
+    self.patience, self.min_steps = patience, min_steps
     self.best_score, self.best_step, self.best_variables = -np.inf, 0, None
     self.since_best = 0
 
@@ -156,8 +160,8 @@ class EarlyStopping:
       self.since_best += 1
 
   def should_stop(self, step, metrics) -> bool:
-    del step, metrics
-    return bool(self.patience) and self.since_best >= self.patience
+    del metrics
+    return bool(self.patience) and step >= self.min_steps and self.since_best >= self.patience
 
 
 def finetune(config, workdir: str, *, pretrained: dict | None = None,
@@ -189,7 +193,7 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
   if patience and not splits["val"]:
     raise ValueError("finetune.patience > 0 (early stopping) needs validation subjects; "
                      "set data.num_val > 0")
-  early = EarlyStopping(patience)
+  early = EarlyStopping(patience, int(ft.get("min_steps", 0)))
   hooks = []
   if splits["val"]:
     def val_hook(step, state):

@@ -71,8 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
       # slices with little or no brain, as it will when evaluated on whole volumes.
       min_foreground=0.0,
       # Early stopping (Sec. 5.5.3): stop after `patience` evaluations (every `eval_every`
-      # steps) without a better mean validation Dice (0: never) and test the best weights.
-      patience=0,
+      # steps) without a better mean validation Dice (0: never), not before step `min_steps`,
+      # and test the best weights.
+      patience=0, min_steps=0,
       # Mixup (Zhang et al. 2018; source_identification Sec. 6.4): lambda ~ Beta(a, a), a > 0.
       mixup_alpha=0.0))
   c.lock()

@@ -26,6 +26,13 @@ def test_early_stopping_keeps_best_and_counts_patience():
   assert not finetune.EarlyStopping(patience=0).should_stop(0, {})
   with pytest.raises(ValueError, match="patience"):
     finetune.EarlyStopping(patience=-1)
+  # Not before min_steps, however long the plateau.
+  late = finetune.EarlyStopping(patience=1, min_steps=50)
+  for step in (10, 20, 30, 40):
+    late.update(step, 0.0, {})
+  assert not late.should_stop(40, {}) and late.should_stop(50, {})
+  with pytest.raises(ValueError, match="min_steps"):
+    finetune.EarlyStopping(patience=1, min_steps=-1)
 
 
 def test_trainer_stops_when_the_rule_says_so(tiny_config, tmp_path):
