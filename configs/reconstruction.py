@@ -10,14 +10,10 @@ The sweep trains one model per acceleration (2, 4, 6, 8), giving reconstructions
 quality for the SSFD / SSIM / PSNR comparison of Sec. 2.3.
 """
 
+from jaxmed.data.mri import fastmri_center_fraction as center_fraction
 from jaxmed.train.defaults import base_config, make_small, parse_arg
 
 ACCELERATIONS = (2, 4, 6, 8)
-
-
-def center_fraction(acceleration) -> float:
-  """fastMRI's pairing 4x -> 0.08, 8x -> 0.04, i.e. ``0.32 / acceleration``."""
-  return round(0.32 / acceleration, 4)
 
 
 def get_config(arg: str = ""):

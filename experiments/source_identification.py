@@ -123,7 +123,8 @@ def make_configs(args, pathology: str):
   pre.tensorboard = False
   pre.seed = args.seed
   if args.optimizer == "adam":
-    pre.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=10,
+    pre.optim.update(name="adam", lr=2e-3, schedule="cosine",
+                     warmup_steps=min(10, args.pretrain_steps // 10),
                      weight_decay=0.0, grad_clip=1.0)
   ft = copy.deepcopy(pre)
   ft.method = "segmentation"
@@ -134,7 +135,7 @@ def make_configs(args, pathology: str):
   ft.finetune.min_steps = (args.finetune_steps // 2 if args.min_steps is None
                            else args.min_steps)
   if args.optimizer == "adam":
-    ft.optim.update(lr=5e-3, warmup_steps=20)
+    ft.optim.update(lr=5e-3, warmup_steps=min(20, args.finetune_steps // 10))
   ft.data.augment.update(enabled=True, flip=True, rotation=15.0, scale=(0.85, 1.25),
                          affine_p=0.2, elastic_alpha=2.0, elastic_p=0.2)
   return pre, ft

@@ -52,7 +52,9 @@ from jaxmed.cli import apply_overrides
 from jaxmed.data import datasets
 from jaxmed.interop import load_ssfd_unet, load_state_dict, vgg16_from_torch
 from jaxmed.methods import ContextPredictionMethod, ReconstructionMethod
-from jaxmed.methods.context_prediction import encoder_params
+from jaxmed.data import mri
+from jaxmed.methods.context_prediction import encoder_params, standardize
+from jaxmed.methods.reconstruction import zero_filled_channels
 from jaxmed.models import VGG16
 from jaxmed.train import trainer
 from jaxmed.train.defaults import base_config
@@ -118,7 +120,7 @@ def train_config(args, name: str):
                  "model.downsample": "maxpool", "optim.name": "adam",
                  "optim.schedule": "constant", "optim.lr": 1e-3, "optim.weight_decay": 0.0,
                  "mri.mask": "random", "mri.accelerations": accel,
-                 "mri.center_fractions": tuple(round(0.32 / a, 4) for a in accel)}
+                 "mri.center_fractions": tuple(mri.fastmri_center_fraction(a) for a in accel)}
   return apply_overrides(base, {**shared, **overrides, "total_steps": steps,
                                 "log_every": max(1, steps // 4)})
 
@@ -140,13 +142,6 @@ def test_images(subjects, per_subject: int) -> np.ndarray:
     picks = brain[np.unique(np.linspace(0, brain.size - 1, per_subject).round().astype(int))]
     out.append(s.image[picks, :, :, 0])
   return np.concatenate(out).astype(np.float32)
-
-
-def zscore(x):
-  """Per-image zero mean, unit (unbiased) variance, ``(S, H, W)``."""
-  mean = x.mean(axis=(1, 2), keepdims=True)
-  std = x.std(axis=(1, 2), ddof=1, keepdims=True)
-  return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
 def perturb(images, kind: str, level: float, rng) -> np.ndarray:
@@ -346,24 +341,14 @@ def reconstruct_all(method, variables, images, accelerations, seed: int):
   apply = jax.jit(lambda v, x: method.apply(v, x, None, train=False)[0])
   preds, targets, accel = [], [], []
   for i, a in enumerate(accelerations):
-    masks, _ = _masks(method, images, a, seed + i)
-    zf = np.asarray(jax.jit(_zero_filled)(images[..., None], masks))
+    masks, _ = mri.sample_masks(jax.random.PRNGKey(seed + i), len(images), images.shape[2],
+                                kind=method.mask_kind, accelerations=(float(a),),
+                                center_fractions=(mri.fastmri_center_fraction(a),))
+    zf = np.asarray(jax.jit(zero_filled_channels)(images[..., None], masks))
     preds.append(np.asarray(apply(variables, zf))[..., 0])
     targets.append(images)
     accel.append(np.full(len(images), a, np.float32))
   return np.concatenate(preds), np.concatenate(targets), np.concatenate(accel)
-
-
-def _masks(method, images, acceleration, seed):
-  from jaxmed.data import mri  # pylint: disable=g-import-not-at-top
-  return mri.sample_masks(jax.random.PRNGKey(seed), len(images), images.shape[2],
-                          kind=method.mask_kind, accelerations=(float(acceleration),),
-                          center_fractions=(round(0.32 / acceleration, 4),))
-
-
-def _zero_filled(image, masks):
-  from jaxmed.methods.reconstruction import zero_filled_channels  # pylint: disable=g-import-not-at-top
-  return zero_filled_channels(image, masks)
 
 
 def vgg_params(args, shape):
@@ -404,7 +389,7 @@ def main(argv=None):
   train_arrays = datasets.slice_view(split["train"], min_foreground=0.2)
   train_arrays = {"image": train_arrays["image"]}
   raw = test_images(split["test"], args.slices_per_subject)
-  images = zscore(raw)
+  images = np.asarray(standardize(raw[..., None]))[..., 0]  # per-image z-score, as SSFD
   log(f"{len(subjects)} subjects {tuple(args.shape)}: {len(train_arrays['image'])} training "
       f"slices, {len(images)} test images")
 

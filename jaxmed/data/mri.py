@@ -107,6 +107,15 @@ def _real(fn: str, name: str, value) -> float:
   return float(value)
 
 
+def fastmri_center_fraction(acceleration) -> float:
+  """fastMRI's fully sampled centre fraction for an acceleration: 4x -> 0.08, 8x -> 0.04, i.e.
+  ``0.32 / acceleration`` (rounded to 4 decimals)."""
+  acceleration = float(acceleration)
+  if not acceleration >= 1.0:
+    raise ValueError(f"acceleration must be >= 1; got {acceleration}")
+  return round(0.32 / acceleration, 4)
+
+
 def check_mask_args(kind: str, accelerations, center_fractions, *, fn: str = "sample_masks"
                     ) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
   """Validates a mask kind and its (acceleration, centre fraction) pairs (width-independent).

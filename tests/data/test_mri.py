@@ -251,3 +251,10 @@ def test_errors():
     mri.zero_filled(np.ones((2, 4, 8), np.float32), np.ones((2, 4), bool))
   with pytest.raises(TypeError, match="undersample: mask must be bool or numeric"):
     mri.undersample(np.ones((2, 4, 8), np.complex64), np.full((2, 8), "a"))
+
+
+def test_fastmri_center_fraction():
+  assert mri.fastmri_center_fraction(4) == 0.08 and mri.fastmri_center_fraction(8) == 0.04
+  assert mri.fastmri_center_fraction(6) == 0.0533
+  with pytest.raises(ValueError, match="acceleration must be >= 1"):
+    mri.fastmri_center_fraction(0.5)
