@@ -15,14 +15,12 @@ must be divisible by ``2**model.num_pool_layers`` (16).
 ``arg``: ``size=small`` for a CPU-sized run (64 x 64 slices, 10-160 filters, 100 steps).
 """
 
-from jaxmed.train.defaults import base_config
+from jaxmed.train.defaults import base_config, parse_arg
 
 
 def get_config(arg: str = ""):
   """``arg``: ``size=small`` for a CPU-sized run."""
-  size = {"": "", "size=small": "small"}.get(arg.strip())
-  if size is None:
-    raise ValueError(f"context_prediction config arg must be '' or 'size=small'; got {arg!r}")
+  size = parse_arg(arg, {"size": ""}, config="context_prediction")["size"]
   c = base_config()
   c.method = "context_prediction"
   c.model.name = "ssfd_unet"

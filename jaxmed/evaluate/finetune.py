@@ -113,13 +113,14 @@ def _nanmean(table, reduce=np.nanmean):
 
 def dice_table(results: dict[str, dict]) -> str:
   """Markdown table of `evaluate_subjects` results: a row per run, mean (std) over subjects
-  per region, and the mean over regions."""
-  regions = list(next(iter(results.values()))["mean"])
-  lines = ["| run | " + " | ".join(regions) + " | mean |", "|---" * (len(regions) + 2) + "|"]
+  per column, and the mean over the regions (the ``All`` column excluded)."""
+  columns = list(next(iter(results.values()))["mean"])
+  regions = np.array([c != "All" for c in columns])
+  lines = ["| run | " + " | ".join(columns) + " | mean |", "|---" * (len(columns) + 2) + "|"]
   for name, result in results.items():
     mean, std = _nanmean(result["dice"]), _nanmean(result["dice"], np.nanstd)
     cells = [f"{m:.3f} ({s:.3f})" for m, s in zip(mean, std)]
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_nanmean(mean):.3f} |")
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {_nanmean(mean[regions]):.3f} |")
   return "\n".join(lines)
 
 

@@ -126,3 +126,12 @@ def test_significance_table_markers_match_scipy():
   assert "| better | **" in table and "◇" in table
   with pytest.raises(ValueError, match="baseline"):
     compare.compare_rows(scores, baseline="cnn")
+
+
+def test_dice_table_mean_excludes_the_all_column():
+  result = {"mean": {"WT": 0.9, "TC": 0.5, "ET": 0.1, "All": 0.8},
+            "dice": np.array([[0.8, 0.4, 0.0, 0.7], [1.0, 0.6, 0.2, 0.9]])}
+  table = finetune.dice_table({"run": result})
+  assert table.splitlines()[0] == "| run | WT | TC | ET | All | mean |"
+  assert table.splitlines()[2] == ("| run | 0.900 (0.100) | 0.500 (0.100) | 0.100 (0.100) | "
+                                   "0.800 (0.100) | 0.500 |")

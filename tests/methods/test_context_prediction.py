@@ -186,7 +186,7 @@ def test_config_file():
     assert c.model.chans % c.model.num_groups == 0
   assert tuple(module.get_config("").data.shape) == (32, 128, 128)
   for bad in ("sise=small", "size=large"):
-    with pytest.raises(ValueError, match="must be '' or 'size=small'"):
+    with pytest.raises(ValueError, match="key in \\['size'\\]|size must be 'small' or absent"):
       module.get_config(bad)
 
 
