@@ -4,7 +4,7 @@ A method owns its model and its objective. Given a batch of data (a dict of arra
 ``image``; ``label`` when the data has labels), it builds the model's inputs (a pretext task's
 corruption, or the image itself), applies the model and returns a scalar loss with metrics:
 
-    method = InpaintingMethod(config)
+    method = RestorationMethod(config)
     variables = method.init(key, batch)                      # Flax variables
     loss, metrics, model_state = method.loss(variables, batch, key, train=True)
 
