@@ -338,17 +338,19 @@ def plot_fig4(method, variables, images, path: str):
 
 def reconstruct_all(method, variables, images, accelerations, seed: int):
   """Each test image reconstructed at each acceleration: ``(pred, target, accel)``."""
-  apply = jax.jit(lambda v, x: method.apply(v, x, None, train=False)[0])
-  preds, targets, accel = [], [], []
+  @jax.jit
+  def reconstruct(variables, masks):
+    zero_filled = zero_filled_channels(images[..., None], masks)
+    return method.apply(variables, zero_filled, None, train=False)[0][..., 0]
+
+  preds = []
   for i, a in enumerate(accelerations):
     masks, _ = mri.sample_masks(jax.random.PRNGKey(seed + i), len(images), images.shape[2],
                                 kind=method.mask_kind, accelerations=(float(a),),
                                 center_fractions=(mri.fastmri_center_fraction(a),))
-    zf = np.asarray(jax.jit(zero_filled_channels)(images[..., None], masks))
-    preds.append(np.asarray(apply(variables, zf))[..., 0])
-    targets.append(images)
-    accel.append(np.full(len(images), a, np.float32))
-  return np.concatenate(preds), np.concatenate(targets), np.concatenate(accel)
+    preds.append(np.asarray(reconstruct(variables, masks)))
+  accel = np.repeat(np.asarray(accelerations, np.float32), len(images))
+  return np.concatenate(preds), np.tile(images, (len(accelerations), 1, 1)), accel
 
 
 def vgg_params(args, shape):
