@@ -77,12 +77,14 @@ def _jax_case(case: str):
     forward = lambda v, x: model.apply(v, x)
   elif case == "mae3d":
     from jaxmed.models.vit import MaskedAutoencoderViT, patchify
+    from jaxmed.pretext.masking import random_masking
     model = MaskedAutoencoderViT(patch_size=8, spatial_dims=3, decoder_embed_dim=384)
     x = jnp.asarray(rng.normal(size=(1, 64, 64, 64, 1)), jnp.float32)
-    inputs = (x, jax.random.key(0))
+    ids_keep, ids_restore, mask = random_masking(jax.random.key(0), 1, 512, 0.75)
+    inputs = (x, ids_keep, ids_restore)
 
-    def forward(v, x, key):
-      return model.apply(v, x, key)[0]
+    def forward(v, x, ids_keep, ids_restore):
+      return model.apply(v, x, ids_keep, ids_restore)[0]
   elif case == "resnet50":
     from jaxmed.models.resnet import resnet50
     model = resnet50(spatial_dims=2, num_classes=1000)
@@ -97,7 +99,7 @@ def _jax_case(case: str):
   def loss(params, *inputs):
     v = {**variables, "params": params}
     if case == "mae3d":
-      pred, mask, _ = model.apply(v, *inputs)
+      pred, _ = model.apply(v, *inputs)
       target = patchify(inputs[0], 8)
       per_token = jnp.mean((pred - target) ** 2, axis=-1)
       return jnp.sum(per_token * mask) / jnp.sum(mask)

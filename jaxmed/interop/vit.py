@@ -374,7 +374,9 @@ def mae_from_torch(state_dict: Mapping[str, Any], template: Any, *, layout: str 
   ``mlp_dim`` / ``decoder_mlp_dim`` (512 by default), ``cls_pos_embed=False`` for learned
   positions). ``layout="timm"``: MAE / ViT-AE++ checkpoints (``decoder_embed``, ``mask_token``,
   ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``). Arguments as :func:`vit_from_torch`;
-  the resize options apply to the learned tables of both halves.
+  the resize options apply to the learned tables of both halves. The model takes the masking
+  result, so a template is ``jax.eval_shape(model.init, key, x, ids_keep, ids_restore)`` (any
+  ``ids_keep`` (N, K) and ``ids_restore`` (N, T) int32 arrays or ``jax.ShapeDtypeStruct`` s).
   """
   prefixes = _common_kwargs(layout, prefixes)
   state = strip_prefix(state_dict, prefixes)

@@ -52,6 +52,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.models._utils import check_choice, check_rate
+from jaxmed.models.blocks import make_norm
+
 NORMS = ("batch", "instance", "none")
 _EPS = 1e-5
 _SLOPE = 0.2
@@ -78,18 +81,16 @@ class Norm(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = x.astype(jnp.float32)
     if self.norm == "batch":
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=_EPS,
-                          dtype=jnp.float32, param_dtype=self.param_dtype,
-                          use_fast_variance=False, scale_init=_bn_scale_init, name="bn")(x)
+      return make_norm("batch", train=train, epsilon=_EPS, scale_init=_bn_scale_init,
+                       param_dtype=self.param_dtype, name="bn")(x)
     if self.norm == "instance":
-      return nn.InstanceNorm(epsilon=_EPS, use_scale=False, use_bias=False, dtype=jnp.float32,
-                             use_fast_variance=False, name="in")(x)
+      return make_norm("instance", epsilon=_EPS, affine=False, param_dtype=self.param_dtype,
+                       name="in")(x)
     return x
 
 
 def _check_norm(norm: str) -> None:
-  if norm not in NORMS:
-    raise ValueError(f"norm must be one of {NORMS}; got norm={norm!r}")
+  check_choice(norm, NORMS, "norm")
 
 
 def _check_image(x: jax.Array, what: str) -> None:
@@ -181,8 +182,7 @@ class UNetGenerator(nn.Module):
       raise ValueError(f"ngf must be >= 1; got ngf={self.ngf}")
     if self.out_channels < 1:
       raise ValueError(f"out_channels must be >= 1; got out_channels={self.out_channels}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1); got dropout={self.dropout}")
+    check_rate(self.dropout, "dropout")
     _check_image(x, "UNetGenerator")
     factor = 2**self.num_downs
     if x.shape[1] % factor or x.shape[2] % factor:

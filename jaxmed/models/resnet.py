@@ -36,7 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmed.models._utils import spatial_tuple
+from jaxmed.models._utils import (check_choice, check_group_channels, check_input,
+                                  check_spatial_dims, spatial_tuple)
+from jaxmed.models.blocks import kaiming_fan_out_init, make_norm, torch_default_init
 
 BLOCKS = ("basic", "bottleneck")
 NORMS = ("batch", "group")
@@ -48,19 +50,14 @@ CONFIGS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
 FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled")
 _EPS = 1e-5
 
-# torchvision / MONAI: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+conv_init = kaiming_fan_out_init  # torchvision / MONAI
+dense_init = torch_default_init  # torch.nn.Linear's default
 
 
 def _norm(kind: str, num_groups: int, train: bool, param_dtype: Any, name: str) -> nn.Module:
   """BatchNorm (torch momentum 0.1 == Flax momentum 0.9) or GroupNorm, eps 1e-5, in float32."""
-  common = dict(epsilon=_EPS, dtype=jnp.float32, param_dtype=param_dtype,
-                use_fast_variance=False, name=name)
-  if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, **common)
-  return nn.GroupNorm(num_groups=num_groups, **common)
+  return make_norm(kind, train=train, num_groups=num_groups, epsilon=_EPS,
+                   param_dtype=param_dtype, name=name)
 
 
 def _conv(features: int, kernel: Sequence[int], strides: Sequence[int], use_bias: bool,
@@ -193,15 +190,10 @@ class ResNet(nn.Module):
     return tuple(int(w * self.widen_factor) for w in self.block_inplanes)
 
   def _validate(self, x: jax.Array) -> None:
-    if self.spatial_dims not in (2, 3):
-      raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={self.spatial_dims}")
-    if self.block not in BLOCKS:
-      raise ValueError(f"block must be one of {BLOCKS}; got block={self.block!r}")
-    if self.norm not in NORMS:
-      raise ValueError(f"norm must be one of {NORMS}; got norm={self.norm!r}")
-    if self.shortcut_type not in SHORTCUTS:
-      raise ValueError(f"shortcut_type must be one of {SHORTCUTS}; "
-                       f"got shortcut_type={self.shortcut_type!r}")
+    check_spatial_dims(self.spatial_dims)
+    check_choice(self.block, BLOCKS, "block")
+    check_choice(self.norm, NORMS, "norm")
+    check_choice(self.shortcut_type, SHORTCUTS, "shortcut_type")
     if len(self.layers) != 4 or any(int(n) < 1 for n in self.layers):
       raise ValueError(f"layers must be 4 block counts >= 1; got layers={tuple(self.layers)}")
     if len(self.block_inplanes) != 4:
@@ -216,13 +208,7 @@ class ResNet(nn.Module):
       raise ValueError(f"num_classes must be None or >= 0; got num_classes={self.num_classes}")
     expansion = EXPANSION[self.block]
     if self.norm == "group":
-      if self.num_groups < 1:
-        raise ValueError(f"num_groups must be >= 1; got num_groups={self.num_groups}")
-      channels = sorted({widths[0], *widths, *(w * expansion for w in widths)})
-      bad = tuple(c for c in channels if c % self.num_groups)
-      if bad:
-        raise ValueError(f"norm='group' needs every width divisible by "
-                         f"num_groups={self.num_groups}; widths {bad} are not")
+      check_group_channels(self.num_groups, (widths[0], *widths, *(w * expansion for w in widths)))
     if self.shortcut_type == "A":
       # The zero-padded shortcut cannot narrow: every stage's input width <= its output width.
       inputs = (widths[0],) + tuple(w * expansion for w in widths[:-1])
@@ -232,10 +218,7 @@ class ResNet(nn.Module):
                          f"widths {widths}); use shortcut_type='B'")
     spatial_tuple(self.conv1_t_size, self.spatial_dims, "conv1_t_size")
     spatial_tuple(self.conv1_t_stride, self.spatial_dims, "conv1_t_stride")
-    if x.ndim != self.spatial_dims + 2:
-      layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
-      raise ValueError(f"ResNet with spatial_dims={self.spatial_dims} expects x of shape "
-                       f"{layout} (ndim {self.spatial_dims + 2}); got shape {x.shape}")
+    check_input(x, self.spatial_dims, "ResNet")
     if any(s < 1 for s in x.shape[1:]):
       raise ValueError(f"ResNet input must have non-empty spatial and channel axes; "
                        f"got shape {x.shape}")

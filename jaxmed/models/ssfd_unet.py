@@ -43,11 +43,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmed.models.unet import UpConv
+from jaxmed.models._utils import check_input, check_rate, check_spatial_dims
+from jaxmed.models.blocks import UpConv, make_norm, torch_default_init
 
 _EPS = 1e-5
-# torch's default Conv init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+conv_init = torch_default_init  # torch's default Conv init
 _TAP = re.compile(r"^block([1-9][0-9]*)_relu2$")
 
 
@@ -58,8 +58,7 @@ def tap_names(num_pool_layers: int = 4) -> tuple[str, ...]:
 
 def _check_config(chans: int, num_pool_layers: int, num_groups: int, spatial_dims: int,
                   dropout: float) -> None:
-  if spatial_dims not in (2, 3):
-    raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={spatial_dims}")
+  check_spatial_dims(spatial_dims)
   if num_pool_layers < 0:
     raise ValueError(f"num_pool_layers must be >= 0; got num_pool_layers={num_pool_layers}")
   if chans < 1:
@@ -68,15 +67,11 @@ def _check_config(chans: int, num_pool_layers: int, num_groups: int, spatial_dim
     raise ValueError(
         f"GroupNorm needs chans divisible by num_groups (then every level's 2**k * chans is); "
         f"got chans={chans}, num_groups={num_groups}")
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"dropout must be in [0, 1); got dropout={dropout}")
+  check_rate(dropout, "dropout")
 
 
 def _check_input(x: jax.Array, spatial_dims: int, what: str) -> None:
-  if x.ndim != spatial_dims + 2:
-    layout = "(N, H, W, C)" if spatial_dims == 2 else "(N, D, H, W, C)"
-    raise ValueError(f"{what} with spatial_dims={spatial_dims} expects x of shape {layout} "
-                     f"(ndim {spatial_dims + 2}); got shape {x.shape}")
+  check_input(x, spatial_dims, what)
   if x.shape[-1] < 1:
     raise ValueError(f"{what} input needs at least one channel; got shape {x.shape}")
 
@@ -108,8 +103,8 @@ class DoubleConv(nn.Module):
     x = nn.relu(nn.Conv(self.features, name="conv1", **conv)(x))
     x = nn.relu(nn.Conv(self.features, name="conv2", **conv)(x))
     tap = x.astype(jnp.float32)
-    x = nn.GroupNorm(num_groups=self.num_groups, epsilon=_EPS, dtype=jnp.float32,
-                     param_dtype=self.param_dtype, use_fast_variance=False, name="norm")(tap)
+    x = make_norm("group", num_groups=self.num_groups, epsilon=_EPS,
+                  param_dtype=self.param_dtype, name="norm")(tap)
     x = x.astype(self.dtype)
     if self.dropout > 0.0:
       x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)

@@ -32,33 +32,35 @@ Behaviour kept from MONAI (and its Swin ancestors), all reproduced exactly:
   it). In 2D the three are the same.
 
 Windows, region masks and relative indices are built in NumPy at trace time (shapes are static):
-a jitted forward holds them as small constants. 3D convolutions run as 2D convolutions batched
-over depth (:func:`conv3x3`), and every kernel = stride layer (patch embedding, transposed convs)
-as one einsum, which XLA:CPU runs much faster than its 3D (transposed) convolutions.
+a jitted forward holds them as small constants. The patch embedding, the UNETR blocks, the MLP
+and DropPath come from :mod:`jaxmed.models.blocks`: 3D convolutions run as 2D convolutions
+batched over depth (``blocks.conv3x3``), and every kernel = stride layer (patch embedding,
+transposed convs) as one matmul / einsum, which XLA:CPU runs much faster than its 3D
+(transposed) convolutions.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import string
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmed.models._utils import spatial_tuple
-from jaxmed.models.unet import UpConv
+from jaxmed.models._utils import (check_choice, check_input, check_rate, check_spatial_dims,
+                                  spatial_tuple)
+from jaxmed.models.blocks import (MLP, DropPath, PatchEmbed, UnetrBasicBlock, UnetrUpBlock,
+                                  check_norm_channels, conv_init, make_norm, parse_norm,
+                                  trunc_normal_init)
 
 DOWNSAMPLES = ("merging", "mergingv2", "merging_legacy")
-NORM_NAMES = ("instance", "batch", "group")
 _LN_EPS = 1e-5
 _MASK_FILL = -100.0
 
-conv_init = nn.initializers.he_normal()
-dense_init = nn.initializers.truncated_normal(stddev=0.02)
+dense_init = trunc_normal_init
 
 # 3D octant orders of the patch merging variants, as (d, h, w) offsets in concatenation order.
 _OCTANTS_3D = {
@@ -74,80 +76,6 @@ _OCTANTS_2D = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 # --------------------------------------------------------------------------------------------
 # Configuration helpers.
-
-
-def parse_norm(norm_name: str | Sequence[Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
-  """MONAI ``norm_name`` (``"instance"``, ``("group", {"num_groups": 4})``, ...) -> hashable form.
-
-  Returns ``(name, ((key, value), ...))`` with every supported option filled in:
-  instance: ``affine`` (False), ``eps``; batch / syncbatch: ``affine`` (True), ``eps``,
-  ``momentum`` (PyTorch convention, 0.1); group: ``num_groups`` (required), ``affine`` (True),
-  ``eps``. All ``eps`` default to 1e-5, as in PyTorch.
-
-  Raises:
-    ValueError: an unknown name or option, or an option value this port cannot reproduce.
-  """
-  if isinstance(norm_name, str):
-    name, args = norm_name, {}
-  elif (isinstance(norm_name, (tuple, list)) and len(norm_name) == 2
-        and isinstance(norm_name[0], str) and isinstance(norm_name[1], Mapping)):
-    name, args = norm_name[0], dict(norm_name[1])
-  elif (isinstance(norm_name, (tuple, list)) and len(norm_name) == 2
-        and isinstance(norm_name[0], str) and isinstance(norm_name[1], tuple)):
-    name, args = norm_name[0], dict(norm_name[1])  # already parsed
-  else:
-    raise ValueError(f"norm_name must be a name or (name, {{options}}); got {norm_name!r}")
-  name = name.lower()
-  if name == "syncbatch":
-    name = "batch"
-  defaults = {
-      "instance": {"affine": False, "eps": 1e-5, "track_running_stats": False},
-      "batch": {"affine": True, "eps": 1e-5, "momentum": 0.1, "track_running_stats": True},
-      "group": {"num_groups": None, "affine": True, "eps": 1e-5},
-  }
-  if name not in defaults:
-    raise ValueError(f"norm_name must be one of {NORM_NAMES} (optionally with options); "
-                     f"got {norm_name!r}")
-  unknown = sorted(set(args) - set(defaults[name]))
-  if unknown:
-    raise ValueError(f"norm_name {name!r} does not support option(s) {unknown}; supported: "
-                     f"{sorted(defaults[name])}")
-  full = {**defaults[name], **args}
-  if name == "instance" and full["track_running_stats"]:
-    raise ValueError("norm_name 'instance' with track_running_stats=True is not supported")
-  if name == "batch" and not full["track_running_stats"]:
-    raise ValueError("norm_name 'batch' with track_running_stats=False is not supported")
-  if name == "group":
-    g = full["num_groups"]
-    if not isinstance(g, (int, np.integer)) or g < 1:
-      raise ValueError(f"norm_name 'group' needs an int num_groups >= 1; got {norm_name!r}")
-  full.pop("track_running_stats", None)
-  return name, tuple(sorted(full.items()))
-
-
-def _norm_layer(norm: tuple[str, tuple[tuple[str, Any], ...]], name: str, train: bool,
-                param_dtype: Any) -> nn.Module:
-  """The Flax norm (computing in float32) for a parsed ``norm`` spec."""
-  kind, options = norm
-  opts = dict(options)
-  common = dict(epsilon=float(opts["eps"]), dtype=jnp.float32, param_dtype=param_dtype,
-                use_fast_variance=False, use_scale=bool(opts["affine"]),
-                use_bias=bool(opts["affine"]), name=name)
-  if kind == "instance":
-    return nn.InstanceNorm(**common)
-  if kind == "group":
-    return nn.GroupNorm(num_groups=int(opts["num_groups"]), **common)
-  return nn.BatchNorm(use_running_average=not train, momentum=1.0 - float(opts["momentum"]),
-                      **common)
-
-
-def _check_norm_channels(norm, channels: Sequence[int]) -> None:
-  if norm[0] == "group":
-    g = dict(norm[1])["num_groups"]
-    bad = sorted({c for c in channels if c % g})
-    if bad:
-      raise ValueError(f"norm_name 'group' with num_groups={g} needs every channel count "
-                       f"divisible by it; channels {tuple(bad)} are not")
 
 
 def get_window_size(x_size: Sequence[int], window_size: Sequence[int],
@@ -242,175 +170,6 @@ def _window_reverse(windows: jax.Array, window: tuple[int, ...],
 # Layers.
 
 
-class DropPath(nn.Module):
-  """Stochastic depth per example (MONAI / timm ``DropPath``, scaled by the keep probability).
-
-  Identity unless ``train`` and ``rate > 0``; then uses the 'dropout' rng.
-  """
-
-  rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    if keep > 0.0:
-      return jnp.where(mask, x / keep, 0).astype(x.dtype)
-    return jnp.zeros_like(x)
-
-
-class PatchConv(nn.Module):
-  """Conv with kernel = stride = ``patch`` and no padding, as one einsum over the patch taps.
-
-  Equal to ``torch.nn.Conv{2,3}d(kernel_size=patch, stride=patch)`` with the kernel in Flax's
-  ``(*patch, Cin, Cout)`` layout. The input is zero-padded at the end of every axis to a
-  multiple of ``patch`` first (as MONAI's ``PatchEmbed``).
-
-  Input ``(N, *S, Cin)`` -> ``(N, *ceil(S / patch), features)``.
-  """
-
-  features: int
-  patch: tuple[int, ...]
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.ndim - 2
-    cin = x.shape[-1]
-    kernel = self.param("kernel", conv_init, tuple(self.patch) + (cin, self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    pad = [(0, (-s) % p) for s, p in zip(x.shape[1:-1], self.patch)]
-    if any(p for _, p in pad):
-      x = jnp.pad(x, [(0, 0)] + pad + [(0, 0)])
-    grid = [s // p for s, p in zip(x.shape[1:-1], self.patch)]
-    x = x.reshape([x.shape[0]] + [v for g, p in zip(grid, self.patch) for v in (g, p)] + [cin])
-    letters = string.ascii_letters
-    s, t = letters[:d], letters[d:2 * d]
-    spec = "N" + "".join(a + b for a, b in zip(s, t)) + "K," + t + "KC->N" + s + "C"
-    y = jnp.einsum(spec, x, kernel)
-    if bias is not None:
-      y = y + bias
-    return y
-
-
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'same' convolution with an odd kernel, channels-last, no bias.
-
-  3D inputs run as 2D convolutions batched over depth, ``y[d] = sum_a conv2d(x[d + a - kd//2],
-  kernel[a])``: with few input channels the depth-shifted inputs are stacked along channels
-  into one 2D conv; with more input than output channels one 2D conv computes all ``kd`` depth
-  taps as output channels, which are then shifted and summed; otherwise one 2D conv per tap.
-  XLA:CPU runs 3D convolutions several times slower than any of these; the result is the same up
-  to float32 rounding.
-
-  Args:
-    x: ``(N, *S, Cin)``, 2 or 3 spatial axes.
-    kernel: ``(*k, Cin, Cout)`` with odd ``k``.
-
-  Returns:
-    ``(N, *S, Cout)``.
-  """
-  d = x.ndim - 2
-  ks = kernel.shape[:d]
-  dn = ("NHWC", "HWIO", "NHWC")
-  conv2d = lambda v, k: jax.lax.conv_general_dilated(
-      v, k, (1, 1), [(s // 2, s // 2) for s in ks[-2:]], dimension_numbers=dn)
-  if d == 2:
-    return conv2d(x, kernel)
-  if d != 3:
-    raise ValueError(f"conv3x3 needs a 2D or 3D input (N, *S, C); got shape {x.shape}")
-  n, depth, h, w, cin = x.shape
-  kd, cout = ks[0], kernel.shape[-1]
-  flat = lambda v: v.reshape(n * depth, h, w, v.shape[-1])
-  pad_depth = lambda v: jnp.pad(v, ((0, 0), (kd // 2, kd // 2)) + ((0, 0),) * (v.ndim - 2))
-  if kd == 1:
-    y = conv2d(flat(x), kernel[0])
-  elif cin * kd <= 16:  # depth taps stacked along the input channels
-    xp = pad_depth(x)
-    stacked = jnp.concatenate([xp[:, a:a + depth] for a in range(kd)], axis=-1)
-    y = conv2d(flat(stacked), jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(
-        ks[1], ks[2], kd * cin, cout))
-  elif cin > cout:  # depth taps as output channels, shifted and summed
-    taps = conv2d(flat(x), jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(
-        ks[1], ks[2], cin, kd * cout))
-    taps = pad_depth(taps.reshape(n, depth, h, w, kd, cout))
-    return sum(taps[:, a:a + depth, :, :, a] for a in range(kd))
-  else:  # one 2D conv per depth tap
-    xp = pad_depth(x)
-    y = sum(conv2d(flat(xp[:, a:a + depth]), kernel[a]) for a in range(kd))
-  return y.reshape(n, depth, h, w, cout)
-
-
-class Conv(nn.Module):
-  """Stride-1 'same' conv without bias (param ``kernel`` ``(*k, Cin, features)``, as nn.Conv).
-
-  Runs through :func:`conv3x3` (fast 3D convolutions on CPU).
-  """
-
-  features: int
-  kernel_size: int = 3
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.ndim - 2
-    kernel = self.param("kernel", conv_init, (self.kernel_size,) * d + (x.shape[-1],
-                                                                          self.features),
-                        self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if self.kernel_size == 1:
-      return jnp.einsum("...c,co->...o", x, kernel.reshape(kernel.shape[-2:]))
-    return conv3x3(x, kernel)
-
-
-class PatchEmbed(nn.Module):
-  """MONAI ``PatchEmbed``: ``proj`` (kernel = stride = patch conv) and, optionally, ``norm``."""
-
-  embed_dim: int
-  patch_size: tuple[int, ...]
-  patch_norm: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = PatchConv(self.embed_dim, self.patch_size, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="proj")(x)
-    if self.patch_norm:
-      x = nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                       use_fast_variance=False, name="norm")(x).astype(self.dtype)
-    return x
-
-
-class Mlp(nn.Module):
-  """MONAI ``MLPBlock`` (swin dropout mode): linear1, exact GELU, dropout, linear2, dropout."""
-
-  hidden: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    c = x.shape[-1]
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=dense_init)
-    x = dense(self.hidden, name="linear1")(x)
-    x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = dense(c, name="linear2")(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
 class WindowAttention(nn.Module):
   """Window multi-head self-attention with a relative position bias (MONAI ``WindowAttention``).
 
@@ -492,8 +251,8 @@ class SwinTransformerBlock(nn.Module):
     c = x.shape[-1]
     full_shift = tuple(w // 2 for w in self.window_size) if self.shift else (0,) * len(spatial)
     window, shift = get_window_size(spatial, self.window_size, full_shift)
-    layer_norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=jnp.float32,
-                                   param_dtype=self.param_dtype, use_fast_variance=False)
+    layer_norm = functools.partial(make_norm, "layer", epsilon=_LN_EPS,
+                                   param_dtype=self.param_dtype)
 
     shortcut = x
     y = layer_norm(name="norm1")(x).astype(self.dtype)
@@ -520,8 +279,8 @@ class SwinTransformerBlock(nn.Module):
     x = shortcut + DropPath(self.drop_path)(y, train=train)
 
     y = layer_norm(name="norm2")(x).astype(self.dtype)
-    y = Mlp(int(c * self.mlp_ratio), dropout=self.drop, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="mlp")(y, train=train)
+    y = MLP(int(c * self.mlp_ratio), dropout_rate=self.drop, kernel_init=dense_init,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y, train=train)
     return x + DropPath(self.drop_path)(y, train=train)
 
 
@@ -552,8 +311,8 @@ class PatchMerging(nn.Module):
       index = (slice(None),) + tuple(v for o in offsets for v in (slice(None), o))
       parts.append(x[index])
     x = jnp.concatenate(parts, axis=-1)
-    x = nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     use_fast_variance=False, name="norm")(x).astype(self.dtype)
+    x = make_norm("layer", epsilon=_LN_EPS, param_dtype=self.param_dtype,
+                  name="norm")(x).astype(self.dtype)
     return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=dense_init, name="reduction")(x)
 
@@ -590,71 +349,6 @@ class BasicLayer(nn.Module):
     return x
 
 
-class UnetResBlock(nn.Module):
-  """MONAI ``UnetResBlock`` (kernel 3, stride 1): conv-norm-lrelu-conv-norm + skip, lrelu.
-
-  Convs have no bias. The skip gets a 1x1 conv + norm (``conv3`` / ``norm3``) when the channel
-  count changes. LeakyReLU slope 0.01. Norms and the activation run in float32.
-  Input ``(B, *S, Cin)`` -> ``(B, *S, features)``.
-  """
-
-  features: int
-  norm: tuple = ("instance", (("affine", False), ("eps", 1e-5)))
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(Conv, self.features, dtype=self.dtype, param_dtype=self.param_dtype)
-    y = conv(name="conv1")(x)
-    y = _norm_layer(self.norm, "norm1", train, self.param_dtype)(y.astype(jnp.float32))
-    y = nn.leaky_relu(y, negative_slope=0.01).astype(self.dtype)
-    y = conv(name="conv2")(y)
-    y = _norm_layer(self.norm, "norm2", train, self.param_dtype)(y.astype(jnp.float32))
-    residual = x
-    if x.shape[-1] != self.features:
-      residual = conv(kernel_size=1, name="conv3")(x)
-      residual = _norm_layer(self.norm, "norm3", train, self.param_dtype)(
-          residual.astype(jnp.float32))
-    y = y + residual.astype(jnp.float32)
-    return nn.leaky_relu(y, negative_slope=0.01).astype(self.dtype)
-
-
-class UnetrBasicBlock(nn.Module):
-  """MONAI ``UnetrBasicBlock`` with ``res_block=True``: a :class:`UnetResBlock` named ``layer``."""
-
-  features: int
-  norm: tuple = ("instance", (("affine", False), ("eps", 1e-5)))
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return UnetResBlock(self.features, self.norm, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="layer")(x, train)
-
-
-class UnetrUpBlock(nn.Module):
-  """MONAI ``UnetrUpBlock`` (``res_block=True``): transposed conv k = s = 2 (no bias), concat the
-  skip (after the up-sampled features), :class:`UnetResBlock` (2 features -> features).
-
-  ``__call__(x (B, *S, Cin), skip (B, *2S, features))`` -> ``(B, *2S, features)``.
-  """
-
-  features: int
-  norm: tuple = ("instance", (("affine", False), ("eps", 1e-5)))
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, skip: jax.Array, train: bool = False) -> jax.Array:
-    y = UpConv(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-               name="transp_conv")(x)
-    y = jnp.concatenate([y, skip.astype(y.dtype)], axis=-1)
-    return UnetResBlock(self.features, self.norm, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="conv_block")(y, train)
-
-
 def _layer_norm_channels(x: jax.Array) -> jax.Array:
   """Non-affine LayerNorm over channels in float32 (MONAI ``proj_out(..., normalize=True)``)."""
   x = x.astype(jnp.float32)
@@ -665,8 +359,7 @@ def _layer_norm_channels(x: jax.Array) -> jax.Array:
 
 def _check_common(spatial_dims, depths, num_heads, embed_dim, mlp_ratio, downsample,
                   drop_rate, attn_drop_rate, drop_path_rate) -> None:
-  if spatial_dims not in (2, 3):
-    raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={spatial_dims}")
+  check_spatial_dims(spatial_dims)
   if len(depths) < 1 or any(int(v) < 1 for v in depths):
     raise ValueError(f"depths must be a non-empty sequence of ints >= 1; got {tuple(depths)}")
   if len(num_heads) != len(depths):
@@ -679,12 +372,10 @@ def _check_common(spatial_dims, depths, num_heads, embed_dim, mlp_ratio, downsam
                        f"(num_heads={tuple(num_heads)})")
   if not mlp_ratio > 0:
     raise ValueError(f"mlp_ratio must be > 0; got mlp_ratio={mlp_ratio}")
-  if downsample not in DOWNSAMPLES:
-    raise ValueError(f"downsample must be one of {DOWNSAMPLES}; got downsample={downsample!r}")
+  check_choice(downsample, DOWNSAMPLES, "downsample")
   for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                      ("dropout_path_rate", drop_path_rate)):
-    if not 0.0 <= rate <= 1.0:
-      raise ValueError(f"{name} must be in [0, 1]; got {name}={rate}")
+    check_rate(rate, name, inclusive=True)
 
 
 class SwinTransformer(nn.Module):
@@ -738,10 +429,7 @@ class SwinTransformer(nn.Module):
       raise ValueError(f"embed_dim must be >= 1; got embed_dim={self.embed_dim}")
     spatial_tuple(self.window_size, self.spatial_dims, "window_size")
     spatial_tuple(self.patch_size, self.spatial_dims, "patch_size")
-    if x.ndim != self.spatial_dims + 2:
-      layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
-      raise ValueError(f"SwinTransformer with spatial_dims={self.spatial_dims} expects x of "
-                       f"shape {layout}; got shape {x.shape}")
+    check_input(x, self.spatial_dims, "SwinTransformer")
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -833,8 +521,7 @@ class SwinUNETR(nn.Module):
 
   def _validate(self, x: jax.Array) -> tuple:
     d = self.spatial_dims
-    if d not in (2, 3):
-      raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={d}")
+    check_spatial_dims(d)
     if self.feature_size < 12 or self.feature_size % 12:
       raise ValueError(f"feature_size must be a positive multiple of 12; got "
                        f"feature_size={self.feature_size}")
@@ -850,11 +537,8 @@ class SwinUNETR(nn.Module):
     spatial_tuple(self.window_size, d, "window_size")
     norm = parse_norm(self.norm_name)
     f = self.feature_size
-    _check_norm_channels(norm, (f, 2 * f, 4 * f, 8 * f, 16 * f))
-    if x.ndim != d + 2:
-      layout = "(N, H, W, C)" if d == 2 else "(N, D, H, W, C)"
-      raise ValueError(f"SwinUNETR with spatial_dims={d} expects x of shape {layout} "
-                       f"(ndim {d + 2}); got shape {x.shape}")
+    check_norm_channels(norm, (f, 2 * f, 4 * f, 8 * f, 16 * f))
+    check_input(x, d, "SwinUNETR")
     factor = self.patch_size * 2**4
     bad = [s for s in x.shape[1:-1] if s % factor]
     if bad:

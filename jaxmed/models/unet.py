@@ -6,7 +6,8 @@ and keeps everything else; perceptual metrics read named features):
   input_conv                ConvNormAct, in_channels -> features[0]
   encoder_{k}, k=0..L-2     ConvBlock at level k (1 / 2**k resolution)
   bottleneck                ConvBlock at level L-1
-  upsample_{k}, k=L-2..0    UpConv to level k resolution, -> features[k] channels
+  upsample_{k}, k=L-2..0    UpConv (:mod:`jaxmed.models.blocks`, kernel = stride = 2) to
+                            level k resolution, -> features[k] channels
   decoder_{k}, k=L-2..0     ConvBlock on concat(upsample_{k}, encoder_{k})
   output_conv               1x1 nn.Conv with bias, features[0] -> out_channels
 
@@ -16,80 +17,26 @@ input or output channels.
 
 from __future__ import annotations
 
-import string
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.models._utils import (check_choice, check_group_channels, check_input, check_rate,
+                                  check_spatial_dims)
+from jaxmed.models.blocks import UpConv, conv_init, make_norm
+
 NORMS = ("instance", "group", "batch", "none")
 DOWNSAMPLES = ("conv", "maxpool")
 _EPS = 1e-5
 
-conv_init = nn.initializers.he_normal()
-
 
 def _check_norm(norm: str, num_groups: int, features: Sequence[int]) -> None:
   """Validates a norm name and, for group norm, the divisibility of every feature count."""
-  if norm not in NORMS:
-    raise ValueError(f"norm must be one of {NORMS}; got norm={norm!r}")
+  check_choice(norm, NORMS, "norm")
   if norm == "group":
-    if num_groups < 1:
-      raise ValueError(f"num_groups must be >= 1; got num_groups={num_groups}")
-    bad = [f for f in features if f % num_groups]
-    if bad:
-      raise ValueError(
-          f"norm='group' needs every level's features divisible by num_groups={num_groups}; "
-          f"features={tuple(features)} has {tuple(bad)} not divisible")
-
-
-class UpConv(nn.Module):
-  """Transposed conv with kernel = stride = 2, as one einsum over the kernel taps + reshape.
-
-  ``out[n, 2i+a, 2j+b, c] = sum_k x[n, i, j, k] * kernel[a, b, k, c] + bias[c]`` (and likewise
-  in 3D). This equals ``torch.nn.functional.conv_transpose{2,3}d`` with stride 2 and weight
-  ``kernel`` transposed to ``(Cin, Cout, *k)`` (no spatial flip), and avoids
-  ``lax.conv_transpose``, which is very slow for 3D in XLA.
-
-  Attributes:
-    features: output channels Cout.
-    use_bias: add a learnable bias.
-
-  Input ``(N, *S, Cin)`` -> output ``(N, *(2 * S), Cout)`` in ``dtype``.
-  """
-
-  features: int
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = conv_init
-  bias_init: Any = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim < 3:
-      raise ValueError(f"UpConv input must be (N, *spatial, C); got shape {x.shape}")
-    if self.features < 1:
-      raise ValueError(f"UpConv features must be >= 1; got features={self.features}")
-    d = x.ndim - 2
-    cin = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (2,) * d + (cin, self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    # Spatial letters s_i for the input, tap letters t_i for the kernel; the output interleaves
-    # them (s_0, t_0, s_1, t_1, ...) so that the reshape merges (i, a) into 2i + a.
-    letters = string.ascii_letters
-    s, t = letters[:d], letters[d:2 * d]
-    n, k, c = "N", "K", "C"
-    spec = (f"{n}{s}{k},{t}{k}{c}->{n}" + "".join(si + ti for si, ti in zip(s, t)) + c)
-    y = jnp.einsum(spec, x, kernel)
-    y = y.reshape((x.shape[0],) + tuple(2 * size for size in x.shape[1:-1]) + (self.features,))
-    if bias is not None:
-      y = y + bias
-    return y
+    check_group_channels(num_groups, features)
 
 
 class ConvNormAct(nn.Module):
@@ -128,8 +75,7 @@ class ConvNormAct(nn.Module):
       raise ValueError(f"ConvNormAct features must be >= 1; got features={self.features}")
     if self.strides < 1:
       raise ValueError(f"ConvNormAct strides must be >= 1; got strides={self.strides}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1); got dropout={self.dropout}")
+    check_rate(self.dropout, "dropout")
     _check_norm(self.norm, self.num_groups, (self.features,))
     d = x.ndim - 2
     pad = self.kernel_size // 2
@@ -145,15 +91,8 @@ class ConvNormAct(nn.Module):
         bias_init=nn.initializers.zeros,
         name="conv",
     )(x)
-    x = x.astype(jnp.float32)
-    common = dict(epsilon=_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                  use_fast_variance=False, name="norm")
-    if self.norm == "instance":
-      x = nn.InstanceNorm(**common)(x)
-    elif self.norm == "group":
-      x = nn.GroupNorm(num_groups=self.num_groups, **common)(x)
-    elif self.norm == "batch":
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, **common)(x)
+    x = make_norm(self.norm, train=train, num_groups=self.num_groups, epsilon=_EPS,
+                  param_dtype=self.param_dtype, name="norm")(x.astype(jnp.float32))
     x = nn.leaky_relu(x, negative_slope=self.negative_slope)
     x = x.astype(self.dtype)
     if self.dropout > 0.0:
@@ -234,8 +173,7 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
 
   def _validate(self, x: jax.Array) -> None:
-    if self.spatial_dims not in (2, 3):
-      raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={self.spatial_dims}")
+    check_spatial_dims(self.spatial_dims)
     if len(self.features) < 2:
       raise ValueError(f"features needs at least 2 levels; got features={tuple(self.features)}")
     if any(int(f) < 1 for f in self.features):
@@ -244,16 +182,10 @@ class UNet(nn.Module):
       raise ValueError(f"out_channels must be >= 1; got out_channels={self.out_channels}")
     if self.convs_per_level < 1:
       raise ValueError(f"convs_per_level must be >= 1; got convs_per_level={self.convs_per_level}")
-    if self.downsample not in DOWNSAMPLES:
-      raise ValueError(f"downsample must be one of {DOWNSAMPLES}; got {self.downsample!r}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1); got dropout={self.dropout}")
+    check_choice(self.downsample, DOWNSAMPLES, "downsample")
+    check_rate(self.dropout, "dropout")
     _check_norm(self.norm, self.num_groups, self.features)
-    if x.ndim != self.spatial_dims + 2:
-      layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
-      raise ValueError(
-          f"UNet with spatial_dims={self.spatial_dims} expects x of shape {layout} "
-          f"(ndim {self.spatial_dims + 2}); got shape {x.shape}")
+    check_input(x, self.spatial_dims, "UNet")
     factor = 2 ** (len(self.features) - 1)
     if any(s % factor for s in x.shape[1:-1]):
       raise ValueError(

@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.models._utils import check_rate
+from jaxmed.models.blocks import kaiming_fan_out_init, make_norm
+
 # torchvision's cfgs["D"]: conv widths, "M" = max-pool.
 CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 _EPS = 1e-5
@@ -48,7 +51,7 @@ LAYER_NAMES = _layer_names()
 # The taps LPIPS reads, 64/128/256/512/512 channels.
 LPIPS_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision
+conv_init = kaiming_fan_out_init  # torchvision
 dense_init = nn.initializers.normal(0.01)  # torchvision
 
 
@@ -115,8 +118,7 @@ class VGG16(nn.Module):
         raise ValueError(f"num_classes must be >= 1; got num_classes={self.num_classes}")
       if self.head_width < 1:
         raise ValueError(f"head_width must be >= 1; got head_width={self.head_width}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1); got dropout={self.dropout}")
+    check_rate(self.dropout, "dropout")
     if x.ndim != 4:
       raise ValueError(f"VGG16 expects x of shape (N, H, W, C) (ndim 4); got shape {x.shape}")
     if x.shape[0] < 1 or x.shape[-1] < 1:
@@ -157,9 +159,8 @@ class VGG16(nn.Module):
                     bias_init=nn.initializers.zeros, name=f"conv{block}_{conv}")(x)
         x = x.astype(jnp.float32)
         if self.batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=_EPS,
-                           dtype=jnp.float32, param_dtype=self.param_dtype,
-                           use_fast_variance=False, name=f"bn{block}_{conv}")(x)
+          x = make_norm("batch", train=train, epsilon=_EPS, param_dtype=self.param_dtype,
+                        name=f"bn{block}_{conv}")(x)
         x = nn.relu(x)
         conv += 1
       feats[name] = x.astype(jnp.float32)

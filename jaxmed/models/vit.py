@@ -6,7 +6,10 @@
 :mod:`jaxmed.interop.vit`). :class:`MAEEncoder`, :class:`MAEDecoder` and
 :class:`MaskedAutoencoderViT` are the masked autoencoder of He et al. (2022) in the 3D form of
 ViT-AE++ (``vit_ae_plus_plus``): the encoder sees only the visible tokens, the decoder fills in a
-shared learned ``mask_token``, unshuffles with ``ids_restore`` and predicts every patch.
+shared learned ``mask_token``, unshuffles with ``ids_restore`` and predicts every patch. The models
+take the mask as input (``ids_keep``, ``ids_restore``); drawing it is a pretext transform
+(:mod:`jaxmed.pretext.masking`: ``random_masking``, ``restore_ids``, ``mae_forward``). The patch
+embedding, MLP and DropPath come from :mod:`jaxmed.models.blocks`.
 
 Layer names are part of the API (the encoder's names equal the ViT's, so pre-trained
 ``MAEEncoder`` params load into a ``ViT`` for fine-tuning):
@@ -28,6 +31,7 @@ with the channel fastest.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -36,7 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmed.models._utils import spatial_tuple
+from jaxmed.models._utils import (check_choice, check_input, check_rate, check_spatial_dims,
+                                  spatial_tuple)
+from jaxmed.models.blocks import (MLP, DropPath, PatchConv, grid_shape_of, make_norm, patchify,
+                                  unpatchify)
 
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("cls", "mean")
@@ -61,60 +68,6 @@ token_init = nn.initializers.normal(stddev=0.02)
 
 # --------------------------------------------------------------------------------------------
 # Array helpers.
-
-
-def grid_shape_of(spatial_shape: Sequence[int], patch_size: int | Sequence[int]) -> tuple[int, ...]:
-  """The patch grid of an image: ``spatial_shape // patch_size`` (must divide exactly)."""
-  spatial_shape = tuple(int(s) for s in spatial_shape)
-  p = spatial_tuple(patch_size, len(spatial_shape), "patch_size")
-  if any(s % q for s, q in zip(spatial_shape, p)):
-    raise ValueError(f"every spatial size must be divisible by patch_size={p}; "
-                     f"got spatial shape {spatial_shape}")
-  return tuple(s // q for s, q in zip(spatial_shape, p))
-
-
-def patchify(x: jax.Array, patch_size: int | Sequence[int]) -> jax.Array:
-  """Images ``(N, *S, C)`` -> patch vectors ``(N, T, prod(p) * C)``, MAE order.
-
-  Token ``t`` is patch grid position ``unravel(t, S // p)`` (row-major); its vector is the patch
-  ``x[n, g_0 p_0 : (g_0 + 1) p_0, ..., :]`` flattened in the order ``(p_0, ..., p_{d-1}, C)``
-  (channel fastest), as ``patchify`` of MAE / ViT-AE++ (``nchpwq -> nhwpqc``).
-  """
-  if x.ndim < 3:
-    raise ValueError(f"patchify expects x of shape (N, *spatial, C); got shape {x.shape}")
-  d = x.ndim - 2
-  p = spatial_tuple(patch_size, d, "patch_size")
-  grid = grid_shape_of(x.shape[1:-1], p)
-  n, c = x.shape[0], x.shape[-1]
-  split = [n]
-  for g, q in zip(grid, p):
-    split += [g, q]
-  x = x.reshape(split + [c])
-  perm = ((0,) + tuple(1 + 2 * i for i in range(d)) + tuple(2 + 2 * i for i in range(d))
-          + (2 * d + 1,))
-  x = jnp.transpose(x, perm)
-  return x.reshape(n, math.prod(grid), math.prod(p) * c)
-
-
-def unpatchify(tokens: jax.Array, patch_size: int | Sequence[int],
-               spatial_shape: Sequence[int]) -> jax.Array:
-  """Inverse of :func:`patchify`: ``(N, T, prod(p) * C)`` -> images ``(N, *spatial_shape, C)``."""
-  spatial_shape = tuple(int(s) for s in spatial_shape)
-  d = len(spatial_shape)
-  p = spatial_tuple(patch_size, d, "patch_size")
-  grid = grid_shape_of(spatial_shape, p)
-  if tokens.ndim != 3 or tokens.shape[1] != math.prod(grid) or tokens.shape[2] % math.prod(p):
-    raise ValueError(
-        f"unpatchify expects tokens (N, {math.prod(grid)}, prod(patch_size) * C) for "
-        f"spatial_shape={spatial_shape} and patch_size={p}; got shape {tokens.shape}")
-  n = tokens.shape[0]
-  c = tokens.shape[2] // math.prod(p)
-  x = tokens.reshape((n,) + grid + p + (c,))
-  perm = [0]
-  for i in range(d):
-    perm += [1 + i, 1 + d + i]
-  x = jnp.transpose(x, perm + [2 * d + 1])
-  return x.reshape((n,) + spatial_shape + (c,))
 
 
 def tokens_to_grid(tokens: jax.Array, grid_shape: Sequence[int]) -> jax.Array:
@@ -196,56 +149,6 @@ def sincos_pos_embedding(grid_shape: Sequence[int], dim: int, *, temperature: fl
   return table.astype(np.float32)
 
 
-def random_masking(key: jax.Array, n: int, num_tokens: int, mask_ratio: float):
-  """Per-sample random masking by argsort of uniform noise (MAE), with static shapes.
-
-  ``K = num_tokens - round(num_tokens * mask_ratio)`` tokens are kept per sample (MAE itself uses
-  ``int(num_tokens * (1 - mask_ratio))`` kept, which can differ by one through rounding).
-
-  Args:
-    key: a ``jax.random`` key.
-    n: batch size.
-    num_tokens: T, patch tokens per sample (no cls token).
-    mask_ratio: fraction of tokens to mask, in [0, 1).
-
-  Returns:
-    ``ids_keep`` (n, K) int32: kept token indices (a random order); ``ids_restore`` (n, T) int32:
-    the inverse of the shuffle ``concat(ids_keep, ids_masked)``; ``mask`` (n, T) float32: 1 for a
-    masked token, 0 for a kept one.
-  """
-  num_keep = _num_keep(num_tokens, mask_ratio)
-  noise = jax.random.uniform(key, (n, num_tokens))
-  ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
-  ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
-  ids_keep = ids_shuffle[:, :num_keep]
-  mask = (ids_restore >= num_keep).astype(jnp.float32)
-  return ids_keep, ids_restore, mask
-
-
-def _num_keep(num_tokens: int, mask_ratio: float) -> int:
-  if not 0.0 <= mask_ratio < 1.0:
-    raise ValueError(f"mask_ratio must be in [0, 1); got mask_ratio={mask_ratio}")
-  if num_tokens < 1:
-    raise ValueError(f"num_tokens must be >= 1; got num_tokens={num_tokens}")
-  return num_tokens - int(round(num_tokens * mask_ratio))
-
-
-def restore_ids(ids_keep: jax.Array, num_tokens: int):
-  """``ids_restore`` (N, T) and ``mask`` (N, T) of given kept indices ``ids_keep`` (N, K).
-
-  The shuffle is ``concat(ids_keep, masked indices in ascending order)``; ``ids_keep`` must hold
-  distinct indices in ``[0, num_tokens)`` (not checked: values are traced).
-  """
-  _check_ids_keep(ids_keep, ids_keep.shape[0], num_tokens)
-  n, k = ids_keep.shape
-  keep = jnp.zeros((n, num_tokens), jnp.int32).at[jnp.arange(n)[:, None], ids_keep].set(1)
-  masked_first = jnp.argsort(keep, axis=1, stable=True)  # the masked ones (0) first, ascending
-  ids_shuffle = jnp.concatenate([ids_keep.astype(jnp.int32),
-                                 masked_first[:, :num_tokens - k].astype(jnp.int32)], axis=1)
-  ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
-  return ids_restore, (1 - keep).astype(jnp.float32)
-
-
 def _check_ids_keep(ids_keep, n: int, num_tokens: int) -> None:
   if ids_keep.ndim != 2 or ids_keep.shape[0] != n or not 1 <= ids_keep.shape[1] <= num_tokens:
     raise ValueError(f"ids_keep must have shape (N={n}, K) with 1 <= K <= T={num_tokens}; "
@@ -258,38 +161,9 @@ def _check_ids_keep(ids_keep, n: int, num_tokens: int) -> None:
 # Layers.
 
 
-def _layer_norm(eps: float, name: str, param_dtype: Any) -> nn.LayerNorm:
+def _layer_norm(eps: float, name: str, param_dtype: Any) -> nn.Module:
   """LayerNorm in float32 with the two-pass variance (as PyTorch)."""
-  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
-
-
-class PatchEmbed(nn.Module):
-  """Kernel == stride patch projection, written as :func:`patchify` + one matmul.
-
-  Equals a strided conv with kernel ``(*patch, C, D)`` (torch ``Conv{2,3}d(C, D, p, stride=p)``
-  with its weight transposed to ``(*p, C, D)``) and avoids XLA's slow 3D convolutions on CPU.
-  Input ``(N, *S, C)`` -> tokens ``(N, prod(S / p), D)`` in ``dtype``.
-  """
-
-  patch_size: Sequence[int]
-  features: int
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    p = tuple(self.patch_size)
-    c = x.shape[-1]
-    fan_in_axes = tuple(range(len(p) + 1))
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(in_axis=fan_in_axes, out_axis=-1),
-                        p + (c, self.features), self.param_dtype)
-    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = patchify(x, p) @ kernel.reshape(-1, self.features)
-    return y + bias if bias is not None else y
+  return make_norm("layer", epsilon=eps, param_dtype=param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -325,25 +199,6 @@ class Attention(nn.Module):
     return nn.Dense(dim, name="proj", **dense)(out.reshape(n, t, dim))
 
 
-class Mlp(nn.Module):
-  """``fc1`` -> exact (erf) GELU -> dropout -> ``fc2`` -> dropout."""
-
-  hidden: int
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
-    dim = x.shape[-1]
-    x = nn.Dense(self.hidden, name="fc1", **dense)(x)
-    x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    x = nn.Dense(dim, name="fc2", **dense)(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-
-
 class Block(nn.Module):
   """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
@@ -363,17 +218,18 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))
+    train = not deterministic
     y = _layer_norm(self.layer_norm_eps, "norm1", self.param_dtype)(x).astype(self.dtype)
     y = Attention(self.num_heads, qkv_bias=self.qkv_bias,
                   attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="attn")(y, deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + drop_path(y, deterministic=deterministic).astype(jnp.float32)
+    x = x + DropPath(self.drop_path_rate)(y, train=train).astype(jnp.float32)
     y = _layer_norm(self.layer_norm_eps, "norm2", self.param_dtype)(x).astype(self.dtype)
-    y = Mlp(self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="mlp")(y, deterministic)
-    return x + drop_path(y, deterministic=deterministic).astype(jnp.float32)
+    y = MLP(self.mlp_dim, dropout_rate=self.dropout_rate, names=("fc1", "fc2"),
+            kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="mlp")(y, train=train)
+    return x + DropPath(self.drop_path_rate)(y, train=train).astype(jnp.float32)
 
 
 def _run_blocks(module: nn.Module, x: jax.Array, *, feature_prefix: str, depth: int,
@@ -397,11 +253,6 @@ def _run_blocks(module: nn.Module, x: jax.Array, *, feature_prefix: str, depth: 
   return x
 
 
-def _check_rate(value: float, name: str) -> None:
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f"{name} must be in [0, 1); got {name}={value}")
-
-
 def _check_transformer(embed_dim: int, depth: int, num_heads: int, mlp_dim: int, prefix: str = ""):
   if embed_dim < 1 or depth < 0 or num_heads < 1:
     raise ValueError(f"{prefix}embed_dim, {prefix}depth, {prefix}num_heads must be positive "
@@ -414,8 +265,7 @@ def _check_transformer(embed_dim: int, depth: int, num_heads: int, mlp_dim: int,
 
 
 def _check_pos_embed(pos_embed: str, spatial_dims: int, dim: int, name: str = "pos_embed") -> None:
-  if pos_embed not in POS_EMBEDS:
-    raise ValueError(f"{name} must be one of {POS_EMBEDS}; got {name}={pos_embed!r}")
+  check_choice(pos_embed, POS_EMBEDS, name)
   if pos_embed == "sincos":
     try:
       sincos_block_dims(dim, spatial_dims)
@@ -427,19 +277,14 @@ def _check_pos_embed(pos_embed: str, spatial_dims: int, dim: int, name: str = "p
 # Models.
 
 
-class _Encoder(nn.Module):
-  """Fields and the token encoder shared by :class:`ViT` and :class:`MAEEncoder`."""
+class _Transformer(nn.Module):
+  """Fields shared by every transformer here (:class:`ViT`, the MAE encoder and decoder, and
+  :class:`MaskedAutoencoderViT`, which hands them to both halves)."""
 
-  patch_size: int | Sequence[int] = 16
-  embed_dim: int = 768
-  depth: int = 12
-  num_heads: int = 12
+  patch_size: int | Sequence[int] = 8
+  spatial_dims: int = 3
   mlp_ratio: float = 4.0
-  mlp_dim: int | None = None
-  spatial_dims: int = 2
-  pos_embed: str = "learned"
   class_token: bool = True
-  cls_pos_embed: bool = True
   qkv_bias: bool = True
   layer_norm_eps: float = 1e-6
   dropout_rate: float = 0.0
@@ -449,6 +294,24 @@ class _Encoder(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _shared(self) -> dict[str, Any]:
+    """The :class:`_Transformer` fields of this module, by name."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(_Transformer)
+            if f.name not in ("parent", "name")}
+
+
+class _Encoder(_Transformer):
+  """Fields and the token encoder shared by :class:`ViT` and :class:`MAEEncoder`."""
+
+  patch_size: int | Sequence[int] = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int | None = None
+  spatial_dims: int = 2
+  pos_embed: str = "learned"
+  cls_pos_embed: bool = True
 
   @property
   def hidden_dim(self) -> int:
@@ -464,12 +327,8 @@ class _Encoder(nn.Module):
     return grid_shape_of(spatial_shape, self.patch_shape())
 
   def _validate(self, x: jax.Array) -> tuple[int, ...]:
-    if self.spatial_dims not in (2, 3):
-      raise ValueError(f"spatial_dims must be 2 or 3; got spatial_dims={self.spatial_dims}")
-    if x.ndim != self.spatial_dims + 2:
-      layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
-      raise ValueError(f"{type(self).__name__} with spatial_dims={self.spatial_dims} expects x of "
-                       f"shape {layout} (ndim {self.spatial_dims + 2}); got shape {x.shape}")
+    check_spatial_dims(self.spatial_dims)
+    check_input(x, self.spatial_dims, type(self).__name__)
     p = self.patch_shape()
     if any(s % q for s, q in zip(x.shape[1:-1], p)):
       raise ValueError(f"{type(self).__name__} input shape {x.shape}: every spatial size must be "
@@ -477,7 +336,7 @@ class _Encoder(nn.Module):
     _check_transformer(self.embed_dim, self.depth, self.num_heads, self.hidden_dim)
     _check_pos_embed(self.pos_embed, self.spatial_dims, self.embed_dim)
     for name in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
-      _check_rate(getattr(self, name), name)
+      check_rate(getattr(self, name), name)
     return tuple(s // q for s, q in zip(x.shape[1:-1], p))
 
   def _encode(self, x: jax.Array, ids_keep: jax.Array | None, train: bool):
@@ -490,8 +349,11 @@ class _Encoder(nn.Module):
     if ids_keep is not None:
       _check_ids_keep(ids_keep, x.shape[0], num_tokens)
     dim = self.embed_dim
-    tokens = PatchEmbed(self.patch_shape(), dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="patch_embed")(x).astype(jnp.float32)
+    # Kernel == stride conv; xavier_uniform over the whole (*patch, C) fan-in, as timm / MAE.
+    patch_init = nn.initializers.xavier_uniform(in_axis=tuple(range(len(grid) + 1)), out_axis=-1)
+    tokens = PatchConv(dim, self.patch_shape(), kernel_init=patch_init, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="patch_embed")(x)
+    tokens = grid_to_tokens(tokens).astype(jnp.float32)
     if self.pos_embed == "learned":
       shape = (1,) + grid + (dim,)
       if self.has_variable("params", "pos_embedding"):
@@ -608,11 +470,19 @@ class MAEEncoder(_Encoder):
 
   Defaults are ViT-AE++'s 3D encoder: patch 8, 12 blocks x 768 x 12 heads, fixed 3D sin-cos
   position (zero row for the cls token), qkv bias, LayerNorm eps 1e-6. Its parameters are a
-  :class:`ViT`'s with the same fields (no head).
+  :class:`ViT`'s with the same fields (no head), so it is usable on its own, e.g. with the
+  ``encoder`` params of a trained :class:`MaskedAutoencoderViT` (see
+  :meth:`MaskedAutoencoderViT.make_encoder`)::
 
-  ``__call__(x (N, *S, C), ids_keep (N, K), *, train=False, return_features=False)`` -> latent
+    encoder = model.make_encoder()
+    latent = encoder.apply({"params": variables["params"]["encoder"]}, x)            # all tokens
+    latent = encoder.apply({"params": variables["params"]["encoder"]}, x, ids_keep)  # visible
+
+  ``__call__(x (N, *S, C), ids_keep=None, *, train=False, return_features=False)`` -> latent
   ``(N, [1 +] K, D)`` float32 after the final norm (cls first), or ``(latent, features)`` with
   ``block_{i}``, ``tokens``, ``cls``, ``pooled`` (mean of the visible tokens without a cls token).
+  ``ids_keep`` (N, K) int are the kept token indices (``jaxmed.pretext.masking.random_masking``);
+  None keeps all ``T`` tokens in grid order (``K = T``).
   """
 
   patch_size: int | Sequence[int] = 8
@@ -620,14 +490,14 @@ class MAEEncoder(_Encoder):
   pos_embed: str = "sincos"
 
   @nn.compact
-  def __call__(self, x: jax.Array, ids_keep: jax.Array, *, train: bool = False,
+  def __call__(self, x: jax.Array, ids_keep: jax.Array | None = None, *, train: bool = False,
                return_features: bool = False):
     tokens, feats = self._encode(x, ids_keep, train)
     feats.update(self._summaries(tokens, "cls" if self.class_token else "mean"))
     return (tokens, feats) if return_features else tokens
 
 
-class MAEDecoder(nn.Module):
+class MAEDecoder(_Transformer):
   """The MAE / ViT-AE++ decoder: latent -> every patch's pixels ``(N, T, prod(p) * C)``.
 
   ``embed`` (Dense to the decoder width), a shared learned ``mask_token`` for the masked
@@ -641,25 +511,12 @@ class MAEDecoder(nn.Module):
   ``decoder_block_{i}`` (N, [1 +] T, D_dec) and ``decoder_tokens`` (after ``norm``).
   """
 
-  patch_size: int | Sequence[int] = 8
   out_channels: int = 1
-  spatial_dims: int = 3
   embed_dim: int = 512
   depth: int = 8
   num_heads: int = 16
-  mlp_ratio: float = 4.0
   mlp_dim: int | None = None
   pos_embed: str = "sincos"
-  class_token: bool = True
-  qkv_bias: bool = True
-  layer_norm_eps: float = 1e-6
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  sincos_temperature: float = 10000.0
-  remat: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array, grid_shape: Sequence[int], *,
@@ -675,7 +532,7 @@ class MAEDecoder(nn.Module):
     _check_transformer(self.embed_dim, self.depth, self.num_heads, mlp_dim, "decoder ")
     _check_pos_embed(self.pos_embed, self.spatial_dims, self.embed_dim, "decoder pos_embed")
     for name in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
-      _check_rate(getattr(self, name), name)
+      check_rate(getattr(self, name), name)
     if self.out_channels < 1:
       raise ValueError(f"out_channels must be >= 1; got out_channels={self.out_channels}")
     extra = 1 if self.class_token else 0
@@ -711,15 +568,25 @@ class MAEDecoder(nn.Module):
     return (pred, feats) if return_features else pred
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(_Transformer):
   """MAE / ViT-AE++: :class:`MAEEncoder` (``encoder``) on the visible tokens + :class:`MAEDecoder`.
 
   Defaults are ViT-AE++'s: 3D, patch 8, encoder 12 x 768 x 12 heads, decoder 8 x 512 x 16 heads,
   fixed 3D sin-cos positions, qkv bias, LayerNorm eps 1e-6, mask ratio 0.75 (on 96^3: 1728
   tokens, 432 visible).
 
+  The model does not draw the mask: the caller passes the masking result, so that the masking
+  (a pretext transform, :mod:`jaxmed.pretext.masking`) stays out of the model::
+
+    from jaxmed.pretext.masking import random_masking, mae_forward
+    ids_keep, ids_restore, mask = random_masking(key, n, model.num_tokens(x.shape[1:-1]),
+                                                 model.mask_ratio)
+    pred, features = model.apply(variables, x, ids_keep, ids_restore)
+    # or, in one call: pred, mask, features = mae_forward(model, variables, x, key)
+
   Attributes:
-    mask_ratio: fraction of masked tokens for :func:`random_masking` (``mask_key``).
+    mask_ratio: the fraction of masked tokens a caller should draw (read by
+      ``jaxmed.pretext.masking.mae_forward``); the forward pass itself does not use it.
     patch_size, spatial_dims, embed_dim, depth, num_heads, mlp_ratio, mlp_dim, pos_embed,
       class_token, cls_pos_embed, qkv_bias, layer_norm_eps: the encoder's (see :class:`ViT`).
     decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_dim, decoder_pos_embed:
@@ -727,22 +594,20 @@ class MaskedAutoencoderViT(nn.Module):
     dropout_rate, attention_dropout_rate, drop_path_rate, remat, dtype: as :class:`ViT`, both
       halves.
 
-  ``__call__(x (N, *S, C), mask_key=None, *, ids_keep=None, train=False, return_features=False)``
-  -> ``(pred, mask, features)``: ``pred`` (N, T, prod(p) * C) float32 are the patches of every
-  token in :func:`patchify` order (compare with ``patchify(x, patch_size)``); ``mask`` (N, T)
-  float32 is 1 where a token was masked; ``features`` holds ``latent`` (N, [1 +] K, D), the
-  encoder output, ``pooled`` (N, D) and ``cls`` (N, D) when ``class_token``. With
-  ``return_features`` also the encoder's ``block_{i}`` and the decoder's ``decoder_block_{i}`` and
-  ``decoder_tokens``. The mask comes from ``ids_keep`` (N, K) when given, else from
-  ``random_masking(mask_key, N, T, mask_ratio)``.
+  ``__call__(x (N, *S, C), ids_keep (N, K), ids_restore (N, T), *, train=False,
+  return_features=False)`` -> ``(pred, features)``: ``ids_keep`` are the visible token indices
+  and ``ids_restore`` the inverse of the shuffle ``concat(ids_keep, masked ids)``, as returned by
+  ``random_masking`` / ``restore_ids`` of :mod:`jaxmed.pretext.masking`. ``pred`` (N, T,
+  prod(p) * C) float32 are the patches of every token in :func:`patchify` order (compare with
+  ``patchify(x, patch_size)`` on the masked tokens); ``features`` holds ``latent``
+  (N, [1 +] K, D), the encoder output, ``pooled`` (N, D) and ``cls`` (N, D) when
+  ``class_token``. With ``return_features`` also the encoder's ``block_{i}`` and the decoder's
+  ``decoder_block_{i}`` and ``decoder_tokens``.
   """
 
-  patch_size: int | Sequence[int] = 8
-  spatial_dims: int = 3
   embed_dim: int = 768
   depth: int = 12
   num_heads: int = 12
-  mlp_ratio: float = 4.0
   mlp_dim: int | None = None
   decoder_embed_dim: int = 512
   decoder_depth: int = 8
@@ -751,51 +616,32 @@ class MaskedAutoencoderViT(nn.Module):
   mask_ratio: float = 0.75
   pos_embed: str = "sincos"
   decoder_pos_embed: str = "sincos"
-  class_token: bool = True
   cls_pos_embed: bool = True
-  qkv_bias: bool = True
-  layer_norm_eps: float = 1e-6
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  sincos_temperature: float = 10000.0
-  remat: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+
+  def _encoder_fields(self) -> dict[str, Any]:
+    return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim, pos_embed=self.pos_embed, cls_pos_embed=self.cls_pos_embed,
+                **self._shared())
+
+  def make_encoder(self) -> MAEEncoder:
+    """The (unbound) :class:`MAEEncoder` of this model: apply it with ``params["encoder"]``."""
+    return MAEEncoder(parent=None, **self._encoder_fields())
+
+  def num_tokens(self, spatial_shape: Sequence[int]) -> int:
+    """T, the patch tokens of an input of spatial shape ``spatial_shape`` (no cls token)."""
+    return math.prod(grid_shape_of(spatial_shape, self.patch_size))
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask_key: jax.Array | None = None, *,
-               ids_keep: jax.Array | None = None, train: bool = False,
-               return_features: bool = False):
-    encoder = MAEEncoder(
-        patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-        num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
-        spatial_dims=self.spatial_dims, pos_embed=self.pos_embed, class_token=self.class_token,
-        cls_pos_embed=self.cls_pos_embed, qkv_bias=self.qkv_bias,
-        layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=self.drop_path_rate,
-        sincos_temperature=self.sincos_temperature, remat=self.remat, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="encoder")
+  def __call__(self, x: jax.Array, ids_keep: jax.Array, ids_restore: jax.Array, *,
+               train: bool = False, return_features: bool = False):
+    encoder = MAEEncoder(name="encoder", **self._encoder_fields())
     grid = encoder._validate(x)  # pylint: disable=protected-access
-    num_tokens = math.prod(grid)
-    if ids_keep is None:
-      if mask_key is None:
-        raise ValueError("MaskedAutoencoderViT needs mask_key (a jax.random key) or ids_keep")
-      ids_keep, ids_restore, mask = random_masking(mask_key, x.shape[0], num_tokens,
-                                                   self.mask_ratio)
-    else:
-      _check_ids_keep(ids_keep, x.shape[0], num_tokens)
-      ids_restore, mask = restore_ids(ids_keep, num_tokens)
     latent, enc_feats = encoder(x, ids_keep, train=train, return_features=True)
     decoder = MAEDecoder(
-        patch_size=self.patch_size, out_channels=x.shape[-1], spatial_dims=self.spatial_dims,
-        embed_dim=self.decoder_embed_dim, depth=self.decoder_depth,
-        num_heads=self.decoder_num_heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.decoder_mlp_dim,
-        pos_embed=self.decoder_pos_embed, class_token=self.class_token, qkv_bias=self.qkv_bias,
-        layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=self.drop_path_rate,
-        sincos_temperature=self.sincos_temperature, remat=self.remat, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="decoder")
+        out_channels=x.shape[-1], embed_dim=self.decoder_embed_dim, depth=self.decoder_depth,
+        num_heads=self.decoder_num_heads, mlp_dim=self.decoder_mlp_dim,
+        pos_embed=self.decoder_pos_embed, name="decoder",
+        **self._shared())
     pred, dec_feats = decoder(latent, ids_restore, grid, train=train, return_features=True)
     features = {"latent": latent, "pooled": enc_feats["pooled"]}
     if self.class_token:
@@ -803,4 +649,4 @@ class MaskedAutoencoderViT(nn.Module):
     if return_features:
       features.update({k: v for k, v in enc_feats.items() if k.startswith("block_")})
       features.update(dec_feats)
-    return pred, mask, features
+    return pred, features

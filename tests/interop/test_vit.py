@@ -19,6 +19,7 @@ from torch import nn
 from jaxmed.interop.state_dict import load_state_dict
 from jaxmed.interop.vit import mae_from_torch, resize_position_embedding, vit_from_torch
 from jaxmed.models.vit import MaskedAutoencoderViT, ViT
+from jaxmed.pretext.masking import restore_ids
 
 TOL = 1e-4
 
@@ -259,9 +260,10 @@ def test_monai_mae_parity_with_the_same_mask():
                                decoder_mlp_dim=40, qkv_bias=False, layer_norm_eps=1e-5,
                                cls_pos_embed=False)
   xj, ids = _to_channels_last(x), jnp.asarray(ids_keep, jnp.int32)
-  converted = mae_from_torch(ref.state_dict(), _template(model, xj, ids_keep=ids))
+  ids_restore, mask = restore_ids(ids, 8)
+  converted = mae_from_torch(ref.state_dict(), _template(model, xj, ids, ids_restore))
   assert {"patch_embedding.position_embeddings", "decoder_pos_embedding"} <= set(converted.unused)
-  pred, mask, _ = jax.jit(model.apply)(converted.variables, xj, ids_keep=ids)
+  pred, _ = jax.jit(model.apply)(converted.variables, xj, ids, ids_restore)
   assert _diff(pred, pred_ref) <= TOL
   np.testing.assert_array_equal(mask, mask_ref.numpy())
 
@@ -320,9 +322,11 @@ def test_timm_mae_parity():
   model = MaskedAutoencoderViT(patch_size=4, spatial_dims=2, embed_dim=16, depth=1, num_heads=2,
                                decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
   xj, ids = _to_channels_last(x), jnp.asarray(ids_keep, jnp.int32)
-  converted = mae_from_torch(ref.state_dict(), _template(model, xj, ids_keep=ids), layout="timm")
+  ids_restore, mask = restore_ids(ids, 6)
+  converted = mae_from_torch(ref.state_dict(), _template(model, xj, ids, ids_restore),
+                             layout="timm")
   assert set(converted.unused) == {"pos_embed", "decoder_pos_embed"}  # verified sin-cos tables
-  pred, mask, feats = jax.jit(model.apply)(converted.variables, xj, ids_keep=ids)
+  pred, feats = jax.jit(model.apply)(converted.variables, xj, ids, ids_restore)
   assert _diff(feats["latent"], latent_ref) <= TOL
   assert _diff(pred, pred_ref) <= TOL
   np.testing.assert_array_equal(np.asarray(mask).sum(axis=1), 3)

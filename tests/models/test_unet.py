@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from jaxmed.models.unet import ConvNormAct, UNet, UpConv
+from jaxmed.models.blocks import UpConv
+from jaxmed.models.unet import ConvNormAct, UNet
 
 
 def _init(model, x, seed=0):
@@ -309,55 +309,7 @@ def test_validation_errors(kwargs, shape, match):
     _init(model, jnp.zeros(shape))
 
 
-# --------------------------------------------------------------------------------------------
-# UpConv parity with torch.
-
-
-def _torch_conv_transpose(x, kernel, bias):
-  d = x.ndim - 2
-  x_t = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
-  # (2,)*d + (Cin, Cout) -> (Cin, Cout, *k); no spatial flip.
-  w_t = torch.from_numpy(np.transpose(np.asarray(kernel), (d, d + 1, *range(d))).copy())
-  b_t = torch.from_numpy(np.asarray(bias).copy())
-  fn = torch.nn.functional.conv_transpose2d if d == 2 else torch.nn.functional.conv_transpose3d
-  y = fn(x_t, w_t, b_t, stride=2)
-  return np.moveaxis(y.numpy(), 1, -1)
-
-
-@pytest.mark.parametrize("d", [2, 3])
-def test_upconv_matches_torch(d):
-  rng = np.random.default_rng(d)
-  for trial in range(3):
-    n = int(rng.integers(1, 3))
-    spatial = tuple(int(s) for s in rng.integers(1, 6, size=d))
-    cin, cout = (int(c) for c in rng.integers(1, 7, size=2))
-    x = jnp.asarray(rng.normal(size=(n, *spatial, cin)), jnp.float32)
-    layer = UpConv(cout)
-    variables = jax.eval_shape(layer.init, jax.random.key(trial), x)
-    kernel = jnp.asarray(rng.normal(size=(2,) * d + (cin, cout)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
-    assert variables["params"]["kernel"].shape == kernel.shape
-    assert variables["params"]["bias"].shape == bias.shape
-    y = layer.apply({"params": {"kernel": kernel, "bias": bias}}, x)
-    assert y.shape == (n, *(2 * s for s in spatial), cout)
-    expected = _torch_conv_transpose(x, kernel, bias)
-    assert np.max(np.abs(np.asarray(y) - expected)) <= 1e-5
-    # A spatially flipped kernel would not match (guards the layout convention).
-    flipped = jnp.flip(kernel, axis=tuple(range(d)))
-    assert np.max(np.abs(_torch_conv_transpose(x, flipped, bias) - expected)) > 1e-3
-
-
-def test_upconv_explicit_formula():
-  x = _random((1, 2, 3, 2), seed=5)
-  kernel = _random((2, 2, 2, 3), seed=6)
-  bias = _random((3,), seed=7)
-  y = UpConv(3).apply({"params": {"kernel": kernel, "bias": bias}}, x)
-  for i in range(2):
-    for j in range(3):
-      for a in range(2):
-        for b in range(2):
-          np.testing.assert_allclose(y[0, 2 * i + a, 2 * j + b],
-                                     x[0, i, j] @ kernel[a, b] + bias, rtol=1e-5, atol=1e-6)
+# UpConv's parity with torch is tested in test_blocks.py.
 
 
 # --------------------------------------------------------------------------------------------

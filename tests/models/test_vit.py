@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmed.models.vit import (VIT_VARIANTS, MAEDecoder, MAEEncoder, MaskedAutoencoderViT,
-                               PatchEmbed, ViT, grid_to_tokens, patchify, random_masking,
-                               restore_ids, sincos_block_dims, sincos_pos_embedding,
+from jaxmed.models.blocks import PatchConv
+from jaxmed.models.vit import (VIT_VARIANTS, MAEDecoder, MAEEncoder, MaskedAutoencoderViT, ViT,
+                               grid_to_tokens, patchify, sincos_block_dims, sincos_pos_embedding,
                                tokens_to_grid, unpatchify, vit)
+from jaxmed.pretext.masking import mae_forward, random_masking, restore_ids
 
 
 def _fill(shapes, seed=0):
@@ -78,9 +79,10 @@ def test_vit_ae_plus_plus_shapes():
   # and an 8 x 512 x 16-head decoder. The parameter shapes do not depend on the volume size.
   model = MaskedAutoencoderViT()
   x = jax.ShapeDtypeStruct((1, 96, 96, 96, 1), jnp.float32)
+  assert model.num_tokens(x.shape[1:-1]) == 1728
   ids = jax.ShapeDtypeStruct((1, 432), jnp.int32)
-  params = jax.eval_shape(lambda k, x, i: model.init(k, x, ids_keep=i), jax.random.key(0), x,
-                          ids)["params"]
+  restore = jax.ShapeDtypeStruct((1, 1728), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, ids, restore)["params"]
   enc, dec = params["encoder"], params["decoder"]
   d = 768
   block = 12 * d * d + 13 * d  # qkv, proj, fc1, fc2 (ratio 4) with biases, two LayerNorms
@@ -121,10 +123,11 @@ def test_patchify_unpatchify_round_trip(shape, patch):
 
 
 def test_patch_embed_is_a_strided_conv():
+  # The ViT's patch_embed is a blocks.PatchConv (kernel == stride), tokens in grid order.
   x = _random((2, 6, 4, 8, 3))
-  layer = PatchEmbed((3, 2, 4), 5)
+  layer = PatchConv(5, (3, 2, 4))
   variables = _init(layer, x)
-  y = layer.apply(variables, x)
+  y = grid_to_tokens(layer.apply(variables, x))
   kernel = variables["params"]["kernel"]
   conv = jax.lax.conv_general_dilated(x, kernel, (3, 2, 4), "VALID",
                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
@@ -198,43 +201,6 @@ def test_sincos_errors(grid, dim, match):
 
 
 # --------------------------------------------------------------------------------------------
-# Masking.
-
-
-def test_random_masking():
-  fn = jax.jit(random_masking, static_argnums=(1, 2, 3))
-  key = jax.random.key(3)
-  ids_keep, ids_restore, mask = fn(key, 4, 27, 0.75)
-  num_masked = round(27 * 0.75)  # 20
-  assert ids_keep.shape == (4, 27 - num_masked) and ids_keep.dtype == jnp.int32
-  assert ids_restore.shape == (4, 27) and mask.shape == (4, 27)
-  ids_keep, ids_restore, mask = map(np.asarray, (ids_keep, ids_restore, mask))
-  np.testing.assert_array_equal(mask.sum(axis=1), num_masked)
-  for b in range(4):
-    np.testing.assert_array_equal(np.sort(ids_restore[b]), np.arange(27))  # a permutation
-    assert len(set(ids_keep[b])) == 27 - num_masked
-    np.testing.assert_array_equal(mask[b, ids_keep[b]], 0.0)
-    # ids_restore inverts the shuffle whose first K entries are ids_keep.
-    shuffle = np.argsort(ids_restore[b])
-    np.testing.assert_array_equal(shuffle[:7], ids_keep[b])
-  assert len({tuple(row) for row in ids_keep}) == 4  # per-sample masks differ
-  again = fn(key, 4, 27, 0.75)
-  np.testing.assert_array_equal(again[0], ids_keep)
-  other = fn(jax.random.key(4), 4, 27, 0.75)
-  assert not np.array_equal(other[0], ids_keep)
-  # restore_ids rebuilds the same mask (the masked tokens may come in another order).
-  restore, mask2 = jax.jit(restore_ids, static_argnums=1)(jnp.asarray(ids_keep), 27)
-  np.testing.assert_array_equal(mask2, mask)
-  np.testing.assert_array_equal(np.argsort(np.asarray(restore), axis=1)[:, :7], ids_keep)
-
-
-@pytest.mark.parametrize("ratio", [1.0, -0.1])
-def test_random_masking_bad_ratio(ratio):
-  with pytest.raises(ValueError, match="mask_ratio must be in"):
-    random_masking(jax.random.key(0), 2, 8, ratio)
-
-
-# --------------------------------------------------------------------------------------------
 # Forward passes.
 
 
@@ -277,6 +243,11 @@ def test_features_and_mae_encoder_equivalence():
   np.testing.assert_allclose(
       enc_feats["block_0"][:, 1:], np.take_along_axis(np.asarray(feats["block_0"])[:, 1:], idx, 1),
       atol=1e-5)
+  # Without ids_keep the standalone encoder keeps every token in grid order: it is the ViT.
+  all_tokens, all_feats = jax.jit(functools.partial(encoder.apply, return_features=True))(
+      variables, x)
+  np.testing.assert_allclose(all_tokens, out, atol=1e-6)
+  assert set(all_feats) == set(feats)
 
 
 def test_masked_autoencoder_outputs():
@@ -284,10 +255,12 @@ def test_masked_autoencoder_outputs():
                                decoder_depth=1, decoder_num_heads=2, **TINY)
   x = _random((2, 8, 12, 2))
   key = jax.random.key(7, impl="rbg")
-  variables = _init(model, x, key)
+  assert model.num_tokens(x.shape[1:-1]) == 6
+  ids_keep, ids_restore, mask = random_masking(key, 2, 6, model.mask_ratio)
+  variables = _init(model, x, ids_keep, ids_restore)
   assert set(variables["params"]) == {"encoder", "decoder"}
   fn = jax.jit(functools.partial(model.apply, return_features=True))
-  pred, mask, feats = fn(variables, x, key)
+  pred, feats = fn(variables, x, ids_keep, ids_restore)
   assert pred.shape == (2, 6, 4 * 4 * 2) and pred.dtype == jnp.float32
   mask = np.asarray(mask)
   np.testing.assert_array_equal(mask.sum(axis=1), 3)
@@ -295,17 +268,35 @@ def test_masked_autoencoder_outputs():
   assert feats["cls"].shape == (2, 24) and feats["pooled"].shape == (2, 24)
   assert {"block_0", "block_1", "decoder_block_0", "decoder_tokens"} <= set(feats)
   assert feats["decoder_block_0"].shape == (2, 7, 16)
-  # Same key, same mask; and nothing depends on the content of the masked patches.
+  # The encoder half run on its own, from the model's own config and params, gives the latent.
+  encoder = model.make_encoder()
+  assert isinstance(encoder, MAEEncoder) and encoder.embed_dim == 24 and encoder.patch_size == 4
+  latent = jax.jit(encoder.apply)({"params": variables["params"]["encoder"]}, x, ids_keep)
+  np.testing.assert_allclose(latent, feats["latent"], atol=1e-5)
+  # mae_forward draws the same mask from the same key and runs the same model.
+  forward = jax.jit(functools.partial(mae_forward, model, return_features=True))
+  pred_f, mask_f, feats_f = forward(variables, x, key)
+  np.testing.assert_array_equal(mask_f, mask)
+  np.testing.assert_array_equal(pred_f, pred)
+  np.testing.assert_array_equal(feats_f["latent"], feats["latent"])
+  # Nothing depends on the content of the masked patches.
   voxel_mask = np.repeat(np.repeat(mask.reshape(2, 2, 3), 4, axis=1), 4, axis=2)  # 4x4 patches
   x_b = jnp.where(voxel_mask[..., None] > 0, 100.0, x)
-  pred_b, mask_b, feats_b = fn(variables, x_b, key)
+  pred_b, mask_b, feats_b = forward(variables, x_b, key)
   np.testing.assert_array_equal(mask_b, mask)
   np.testing.assert_allclose(feats_b["latent"], feats["latent"], atol=1e-6)
   np.testing.assert_allclose(pred_b, pred, atol=1e-5)
-  pred_c, mask_c, _ = fn(variables, x, jax.random.key(8, impl="rbg"))
+  pred_c, mask_c, _ = forward(variables, x, jax.random.key(8, impl="rbg"))
   assert not np.array_equal(mask_c, mask)
-  with pytest.raises(ValueError, match="mask_key"):
-    jax.eval_shape(model.apply, variables, x)
+  # The mask from the indices alone (restore_ids) is the same; so is the prediction.
+  restore2, mask2 = restore_ids(ids_keep, 6)
+  np.testing.assert_array_equal(mask2, mask)
+  np.testing.assert_allclose(fn(variables, x, ids_keep, restore2)[0], pred, atol=1e-6)
+  # The model needs the masking result: no key, no mask drawn inside.
+  with pytest.raises(TypeError, match="ids_restore"):
+    jax.eval_shape(model.apply, variables, x, ids_keep)
+  with pytest.raises(ValueError, match=r"ids_restore must have shape \(N, T\) = \(2, 6\)"):
+    jax.eval_shape(model.apply, variables, x, ids_keep, ids_restore[:, :5])
 
 
 def test_bfloat16_compute_float32_outputs():
