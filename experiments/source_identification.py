@@ -43,13 +43,12 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from jaxmed.cli import apply_overrides
+from jaxmed.config import load_config
 from jaxmed.data import datasets
 from jaxmed.evaluate import compare
 from jaxmed.evaluate import finetune as finetune_lib
 from jaxmed.methods import get_method
 from jaxmed.train import trainer
-from jaxmed.train.defaults import base_config
 
 # Table rows: name -> pre-training overrides (None: no pre-training).
 ROWS = {
@@ -95,6 +94,9 @@ def parse_args(argv=None):
   p.add_argument("--patience", type=int, default=2)
   p.add_argument("--min-steps", type=int, default=None,
                  help="no early stop before this step (default: half of --finetune-steps)")
+  p.add_argument("--fg-fraction", type=float, default=0.33,
+                 help="fraction of fine-tuning slices drawn among those with a labelled voxel "
+                      "(data.fg_fraction; nnU-Net oversamples a third; 0: uniform slices)")
   p.add_argument("--rows", default=",".join(ROWS), help="comma-separated table rows")
   p.add_argument("--no-fig5", action="store_true", help="skip Fig. 5")
   p.add_argument("--fig5-strategies", default=",".join(FIG5_STRATEGIES),
@@ -106,39 +108,40 @@ def parse_args(argv=None):
 
 
 def make_configs(args, pathology: str):
-  """``(pretrain, finetune)`` base configs for one dataset."""
-  pre = base_config()
+  """``(pre_config, finetune_config)`` for one dataset: ``pre_config(spec)`` is the shipped
+  config named by ``spec["method"]`` with the experiment's and the row's overrides; the
+  fine-tuning config is the shipped ``finetune`` (the Sec. 5.5.3 protocol) with the same data."""
   modalities = (tuple(args.modalities.split(",")) if args.modalities else
                 ("t1", "t1ce", "t2", "flair") if pathology == "tumour" else ("t1", "flair"))
-  pre.data.update(pathology=pathology, modalities=modalities, num_subjects=args.num_subjects,
-                  shape=tuple(args.shape), num_val=args.num_val, num_test=args.num_test,
-                  seed=args.seed)
+  shared = {"data.pathology": pathology, "data.modalities": modalities,
+            "data.num_subjects": args.num_subjects, "data.shape": tuple(args.shape),
+            "data.num_val": args.num_val, "data.num_test": args.num_test,
+            "data.seed": args.seed, "seed": args.seed, "model.features": tuple(args.features),
+            "batch_size": args.batch_size, "checkpoint.every": 0,
+            "checkpoint.async_save": False, "tensorboard": False}
   if args.data_root:
-    pre.data.root = args.data_root  # data.source "auto": a NIfTI folder
-  pre.model.features = tuple(args.features)
-  pre.batch_size = args.batch_size
-  pre.total_steps = args.pretrain_steps
-  pre.log_every = max(1, args.pretrain_steps // 4)
-  pre.checkpoint.update(every=0, async_save=False)
-  pre.tensorboard = False
-  pre.seed = args.seed
-  if args.optimizer == "adam":
-    pre.optim.update(name="adam", lr=2e-3, schedule="cosine",
-                     warmup_steps=min(10, args.pretrain_steps // 10),
-                     weight_decay=0.0, grad_clip=1.0)
-  ft = copy.deepcopy(pre)
-  ft.method = "segmentation"
-  ft.total_steps = args.finetune_steps
-  ft.log_every = max(1, args.finetune_steps // 4)
-  ft.eval_every = args.eval_every
-  ft.finetune.patience = args.patience
-  ft.finetune.min_steps = (args.finetune_steps // 2 if args.min_steps is None
-                           else args.min_steps)
-  if args.optimizer == "adam":
-    ft.optim.update(lr=5e-3, warmup_steps=min(20, args.finetune_steps // 10))
-  ft.data.augment.update(enabled=True, flip=True, rotation=15.0, scale=(0.85, 1.25),
-                         affine_p=0.2, elastic_alpha=2.0, elastic_p=0.2)
-  return pre, ft
+    shared["data.root"] = args.data_root  # data.source "auto": a NIfTI folder
+  adam = {"optim.name": "adam", "optim.schedule": "cosine", "optim.weight_decay": 0.0,
+          "optim.grad_clip": 1.0} if args.optimizer == "adam" else {}
+
+  def pre_config(spec: dict):
+    spec = dict(spec)
+    name = spec.pop("method")
+    return load_config(name, {
+        **shared, "total_steps": args.pretrain_steps,
+        "log_every": max(1, args.pretrain_steps // 4),
+        **({**adam, "optim.lr": 2e-3, "optim.warmup_steps": min(10, args.pretrain_steps // 10)}
+           if adam else {}), **spec})
+
+  ft = load_config("finetune", {
+      **shared, "total_steps": args.finetune_steps,
+      "log_every": max(1, args.finetune_steps // 4), "eval_every": args.eval_every,
+      "data.fg_fraction": args.fg_fraction,
+      "finetune.patience": args.patience,
+      "finetune.min_steps": args.finetune_steps // 2 if args.min_steps is None else args.min_steps,
+      **({**adam, "optim.lr": 5e-3, "optim.warmup_steps": min(20, args.finetune_steps // 10)}
+         if adam else {})})
+  return pre_config, ft
 
 
 def pretrain(config, split, workdir) -> dict:
@@ -160,8 +163,8 @@ def run_dataset(args, pathology, rows, work, log):
   """``{setting: {row: (repeats * num_test, R) Dice}}``, the region names, the first split,
   the two configs, and ``{strategy: mean Dice}`` of the SI rows on the first split with all
   labels (the Fig. 5 point of the tables' own (N, N~), reused there)."""
-  pre_cfg, ft_cfg = make_configs(args, pathology)
-  subjects = datasets.load_subjects(pre_cfg.data)
+  pre_config, ft_cfg = make_configs(args, pathology)
+  subjects = datasets.load_subjects(ft_cfg.data)
   splits = datasets.repeated_splits(subjects, repeats=args.repeats, num_val=args.num_val,
                                     num_test=args.num_test, seed=args.seed)
   few = {"full": 0, "few": args.few_labels}
@@ -174,7 +177,7 @@ def run_dataset(args, pathology, rows, work, log):
       pretrained = None
       if isinstance(spec, dict):
         t = time.perf_counter()
-        pretrained = pretrain(apply_overrides(pre_cfg, spec), split,
+        pretrained = pretrain(pre_config(spec), split,
                               os.path.join(work, f"{pathology}-{rep}-{row}-pre"))
         log(f"  [{pathology} split {rep}] pre-trained {row} ({time.perf_counter() - t:.0f}s)")
       for setting in SETTINGS:
@@ -194,7 +197,7 @@ def run_dataset(args, pathology, rows, work, log):
         log(f"  [{pathology} split {rep}] {row} / {setting}: {mean} (tested step "
             f"{res.best_step}, {time.perf_counter() - t:.0f}s)")
   stacked = {s: {r: np.concatenate(v) for r, v in by_row.items()} for s, by_row in scores.items()}
-  return stacked, regions, splits[0], pre_cfg, ft_cfg, first_si
+  return stacked, regions, splits[0], pre_config, ft_cfg, first_si
 
 
 def mean_dice(test: dict) -> float:
@@ -202,11 +205,12 @@ def mean_dice(test: dict) -> float:
   return float(np.nanmean([v for k, v in test["mean"].items() if k != "All"]))
 
 
-def fig5(args, pathology, split, pre_cfg, ft_cfg, work, log, known=None):
+def fig5(args, pathology, split, pre_config, ft_cfg, work, log, known=None):
   """Mean test Dice (over regions, All excluded) for each strategy and (N, N~); ``known``
   ``{strategy: Dice}`` holds results at the configs' own (N, N~), which are not rerun."""
   out, known = {}, known or {}
-  own = (int(pre_cfg.pretext.num_sources), int(pre_cfg.pretext.num_components))
+  si = pre_config({"method": "si"}).pretext
+  own = (int(si.num_sources), int(si.num_components))
   for label in args.fig5_strategies.split(","):
     strategy = FIG5_STRATEGIES[label]
     for n, n_tilde in fig5_sources(args):
@@ -216,8 +220,8 @@ def fig5(args, pathology, split, pre_cfg, ft_cfg, work, log, known=None):
             f"{known[strategy]:.3f} (the table's run)")
         continue
       t = time.perf_counter()
-      cfg = apply_overrides(pre_cfg, {"method": "si", "pretext.strategy": strategy,
-                                     "pretext.num_sources": n, "pretext.num_components": n_tilde})
+      cfg = pre_config({"method": "si", "pretext.strategy": strategy,
+                        "pretext.num_sources": n, "pretext.num_components": n_tilde})
       name = f"{pathology}-fig5-{label}-{n}-{n_tilde}"
       variables = pretrain(cfg, split, os.path.join(work, name + "-pre"))
       res = finetune(ft_cfg, split, os.path.join(work, name), variables, 0)
@@ -267,16 +271,16 @@ def plot_fig5(results: dict, path: str):
   plt.close(fig)
 
 
-def plot_pretext_examples(pre_cfg, split, path: str):
+def plot_pretext_examples(pre_config, split, path: str):
   """One slice through every pretext task: input (first modality / first mixture) and target."""
-  arrays = datasets.slice_view(split["train"],
-                               min_foreground=float(pre_cfg.data.min_foreground))
+  arrays = datasets.slice_view(split["train"], min_foreground=float(
+      pre_config(ROWS["Inpainting"]).data.min_foreground))
   n = min(8, len(arrays["image"]))
   batch = {k: v[:n] for k, v in arrays.items()}
   rows = [(name, spec) for name, spec in ROWS.items() if isinstance(spec, dict)]
   fig, axes = plt.subplots(2, len(rows), figsize=(2 * len(rows), 4.2))
   for col, (name, spec) in enumerate(rows):
-    cfg = apply_overrides(pre_cfg, spec)
+    cfg = pre_config(spec)
     method = get_method(cfg)
     example_batch = batch
     transform = method.example_transform(arrays)
@@ -318,15 +322,15 @@ def main(argv=None):
   tables = {s: [] for s in SETTINGS}
   all_scores, fig5_results = {}, {}
   for pathology in args.datasets.split(","):
-    scores, regions, split0, pre_cfg, ft_cfg, first_si = run_dataset(args, pathology, rows,
+    scores, regions, split0, pre_config, ft_cfg, first_si = run_dataset(args, pathology, rows,
                                                                      work, log)
     for setting in SETTINGS:
       all_scores.update({f"{pathology}/{setting}/{row}": v for row, v in scores[setting].items()})
       tables[setting].append((pathology, regions, scores[setting]))
     if pathology == args.datasets.split(",")[0]:
-      plot_pretext_examples(pre_cfg, split0, os.path.join(args.out, "pretext_examples.png"))
+      plot_pretext_examples(pre_config, split0, os.path.join(args.out, "pretext_examples.png"))
     if not args.no_fig5 and pathology == args.datasets.split(",")[0]:
-      fig5_results[pathology] = fig5(args, pathology, split0, pre_cfg, ft_cfg, work, log,
+      fig5_results[pathology] = fig5(args, pathology, split0, pre_config, ft_cfg, work, log,
                                      known=first_si)
   if fig5_results:
     plot_fig5(fig5_results, os.path.join(args.out, "fig5_num_sources.png"))
@@ -335,6 +339,23 @@ def main(argv=None):
   write_report(args, tables, fig5_results, lines, elapsed)
   shutil.rmtree(work, ignore_errors=True)  # per-run checkpoints and the compilation cache
   print(f"wrote {args.out}/report.md ({elapsed / 60:.1f} min)")
+
+
+PLATEAU_DICE = 0.05
+
+
+def plateau_runs(tables, num_test: int) -> tuple[int, int]:
+  """``(runs whose mean test Dice over the regions is below PLATEAU_DICE, all runs)``: one run
+  is a (dataset, setting, row, split), i.e. ``num_test`` consecutive rows of its scores."""
+  stuck = total = 0
+  for by_dataset in tables.values():
+    for _, regions, scores in by_dataset:
+      columns = [i for i, r in enumerate(regions) if r != "All"]
+      for dice in scores.values():
+        for run in np.split(dice, len(dice) // num_test):
+          total += 1
+          stuck += bool(np.nan_to_num(np.nanmean(run[:, columns])) < PLATEAU_DICE)
+  return stuck, total
 
 
 def write_report(args, tables, fig5_results, lines, elapsed):
@@ -354,6 +375,10 @@ def write_report(args, tables, fig5_results, lines, elapsed):
   out += ["`*` / `◇`: significantly better / worse than CNN (two-sided paired t-test over "
           "(split, test subject) pairs, p < 0.05); bold: best and not significantly different "
           "from the best.", ""]
+  stuck, total = plateau_runs(tables, args.num_test)
+  out += [f"Fine-tuning runs that ended on the all-background plateau (mean test Dice over the "
+          f"regions < {PLATEAU_DICE}): {stuck} of {total}, with {args.fg_fraction:.2f} of the "
+          f"training slices drawn among labelled ones (`--fg-fraction`).", ""]
   if fig5_results:
     pairs = fig5_pairs(next(iter(fig5_results.values())))
     out += ["## Fig. 5: number of sources (first split, all labels)", "",

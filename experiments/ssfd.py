@@ -7,7 +7,7 @@ of ``../shared/papers/ssfd_feature_distance.md`` at small scale, on the embedded
     python experiments/ssfd.py --out runs/ssfd --data-root /data/BraTS2018 --modality t2
     python experiments/ssfd.py --out runs/ssfd --ssfd-weights model.ckpt --vgg-weights vgg16.pth
 
-1. SSFD encoder: an SSFD UNet is pre-trained by context prediction (`configs/
+1. SSFD encoder: an SSFD UNet is pre-trained by context prediction (`jaxmed/configs/
    context_prediction.py`: Poisson-disc 16 x 16 patches over 25%, L2, Adam) on the training
    subjects' slices, or loaded from a meddlr checkpoint (``--ssfd-weights``).
 2. Fig. 1 (and Fig. 5): every test image, z-scored, is perturbed by a pixel shift along x
@@ -15,7 +15,7 @@ of ``../shared/papers/ssfd_feature_distance.md`` at small scale, on the embedded
    and additive Gaussian noise (std 0 to 0.8), as in Sec. 2.3; mean SSFD, SSIM and PSNR with
    95% confidence intervals per level. Linearity is the R^2 of a straight line through the mean
    curve; shift sensitivity is the SSFD increase per unit of SSIM decrease at the largest level.
-3. Reconstructions of graded quality: a UNet (`configs/reconstruction.py`) is trained on
+3. Reconstructions of graded quality: a UNet (`jaxmed/configs/reconstruction.py`) is trained on
    randomly undersampled slices at 2x-8x and reconstructs every test image at each acceleration.
 4. Fig. 2: SSFD at the 3rd, 5th, 7th and 9th convolutions (``block2_relu1`` .. ``block5_relu1``)
    against SSIM over the reconstructions (Pearson and Spearman correlations).
@@ -48,7 +48,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.cli import apply_overrides
+from jaxmed.config import load_config
 from jaxmed.data import datasets
 from jaxmed.interop import load_ssfd_unet, load_state_dict, vgg16_from_torch
 from jaxmed.methods import ContextPredictionMethod, ReconstructionMethod
@@ -57,7 +57,6 @@ from jaxmed.methods.context_prediction import encoder_params, standardize
 from jaxmed.methods.reconstruction import zero_filled_channels
 from jaxmed.models import VGG16
 from jaxmed.train import trainer
-from jaxmed.train.defaults import base_config
 
 # The paper's layers: the 3rd, 5th, 7th and 9th convolutions of the 5-level encoder (2 per level).
 LAYERS = {"conv3": "block2_relu1", "conv5": "block3_relu1", "conv7": "block4_relu1",
@@ -92,37 +91,24 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def data_config(args):
-  c = base_config().data
-  c.update(modalities=(args.modality,), num_subjects=args.num_subjects, shape=tuple(args.shape),
-           num_val=0, num_test=args.num_test, seed=args.seed)
-  if args.data_root:
-    c.root = args.data_root  # data.source "auto": a NIfTI folder
-  return c
-
-
 def train_config(args, name: str):
-  """The context-prediction or reconstruction config, sized by ``args``."""
-  base = base_config()
-  data = {f"data.{k}": v for k, v in data_config(args).items() if k != "augment"}
-  shared = {**data, "batch_size": args.batch_size, "seed": args.seed, "tensorboard": False,
-            "checkpoint.every": 0, "checkpoint.async_save": False}
+  """The shipped ``context_prediction`` or ``reconstruction`` config, sized by ``args``."""
+  shared = {"data.modalities": (args.modality,), "data.num_subjects": args.num_subjects,
+            "data.shape": tuple(args.shape), "data.num_val": 0, "data.num_test": args.num_test,
+            "data.seed": args.seed, "batch_size": args.batch_size, "seed": args.seed,
+            "tensorboard": False, "checkpoint.every": 0, "checkpoint.async_save": False}
+  if args.data_root:
+    shared["data.root"] = args.data_root  # data.source "auto": a NIfTI folder
   if name == "context_prediction":
     steps = args.ssfd_steps
-    overrides = {"method": name, "model.name": "ssfd_unet", "model.chans": args.ssfd_chans,
-                 "model.num_pool_layers": 4, "model.num_groups": 10, "model.dropout": 0.1,
-                 "optim.name": "adam", "optim.schedule": "constant", "optim.lr": 1e-3,
-                 "optim.weight_decay": 0.0, "pretext.patch": 16, "pretext.coverage": 0.25}
+    overrides = {"model.chans": args.ssfd_chans}
   else:
     steps = args.recon_steps
     accel = tuple(float(a) for a in args.accelerations)
-    overrides = {"method": name, "model.features": tuple(args.recon_features),
-                 "model.downsample": "maxpool", "optim.name": "adam",
-                 "optim.schedule": "constant", "optim.lr": 1e-3, "optim.weight_decay": 0.0,
-                 "mri.mask": "random", "mri.accelerations": accel,
+    overrides = {"model.features": tuple(args.recon_features), "mri.accelerations": accel,
                  "mri.center_fractions": tuple(mri.fastmri_center_fraction(a) for a in accel)}
-  return apply_overrides(base, {**shared, **overrides, "total_steps": steps,
-                                "log_every": max(1, steps // 4)})
+  return load_config(name, {**shared, **overrides, "total_steps": steps,
+                            "log_every": max(1, steps // 4)})
 
 
 def train(config, method, arrays, workdir):
@@ -385,8 +371,8 @@ def main(argv=None):
 
   work = tempfile.mkdtemp(prefix="jaxmed-ssfd-")
   trainer.enable_compilation_cache(os.path.join(work, "jit-cache"))
-  data_cfg = data_config(args)
-  subjects = datasets.load_subjects(data_cfg)
+  cp_config = train_config(args, "context_prediction")
+  subjects = datasets.load_subjects(cp_config.data)
   split = datasets.split_subjects(subjects, num_val=0, num_test=args.num_test, seed=args.seed)
   train_arrays = datasets.slice_view(split["train"], min_foreground=0.2)
   train_arrays = {"image": train_arrays["image"]}
@@ -396,7 +382,6 @@ def main(argv=None):
       f"slices, {len(images)} test images")
 
   t = time.perf_counter()
-  cp_config = train_config(args, "context_prediction")
   cp_method = ContextPredictionMethod(cp_config)
   if args.ssfd_weights:
     cp_variables = load_ssfd_unet(args.ssfd_weights, model=cp_method.model).variables

@@ -1,11 +1,13 @@
 """The ``jaxmed`` command.
 
-    jaxmed train --config configs/x.py[:arg] --workdir DIR [--config.field=value ...] [--distributed]
-    jaxmed sweep --config configs/x.py[:arg] --workdir DIR [--slurm] [--slurm_args="..."]
+    jaxmed train --config NAME|path.py[:arg] --workdir DIR [--config.field=value ...] [--distributed]
+    jaxmed sweep --config NAME|path.py[:arg] --workdir DIR [--slurm] [--slurm_args="..."]
     jaxmed demo  [--workdir DIR] [--quick]
 
-``train`` runs ``config.method``; a segmentation config (``configs/finetune.py``) also fine-tunes
-from ``finetune.init_from`` and tests on held-out subjects. ``sweep`` expands the config file's
+``--config`` takes a config file or the name of one shipped with jaxmed (si, restoration,
+context_prediction, reconstruction, finetune, ...). ``train`` runs ``config.method``
+(`jaxmed.runner.run_config`); a segmentation config (``finetune``) also starts from
+``init.path`` and tests on held-out subjects. ``sweep`` expands the config file's
 ``get_sweep(arg)`` (a list of ``{"field": value}`` overrides) into runs ``DIR/NNN``, one after
 another, or writes a SLURM array script. ``demo`` is the main job: pre-train a UNet by grid
 in-painting on synthetic phantoms, fine-tune with few labels and from scratch, print Dice.
@@ -13,8 +15,6 @@ in-painting on synthetic phantoms, fine-tune with few labels and from scratch, p
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import os
 import shlex
 import sys
@@ -22,9 +22,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxmed import config as config_lib
+
 COMMANDS = ("train", "sweep", "demo")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config: a file or a shipped config's name, [:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (multi-host: SLURM, TPU pods)")
@@ -41,48 +44,6 @@ _QUICK = flags.DEFINE_bool("quick", False, "demo: a smaller, faster run (for smo
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a console progress bar")
 
 USAGE = __doc__
-
-
-def run_config(config, workdir: str, *, progress: bool = True):
-  """Runs one experiment config into ``workdir``; returns the train / fine-tune result."""
-  from jaxmed.evaluate import finetune  # pylint: disable=g-import-not-at-top
-  from jaxmed.train import trainer  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
-  if config.method == "segmentation":
-    result = finetune.finetune(config, workdir, progress=progress)
-    print(finetune.dice_table({os.path.basename(os.path.normpath(workdir)): result.test}))
-    return result
-  return trainer.train(config, workdir, progress=progress)
-
-
-def apply_overrides(config, overrides: dict):
-  """A copy of ``config`` with dotted-path overrides applied (unknown fields are an error)."""
-  config = copy.deepcopy(config)
-  for path, value in overrides.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = getattr(node, p)
-    if leaf not in node:
-      raise KeyError(f"sweep override {path!r}: no such config field")
-    setattr(node, leaf, value)
-  return config
-
-
-def load_sweep(config_arg: str) -> list[dict]:
-  """``get_sweep(arg)`` of the config file named by ``--config path[:arg]``."""
-  path, _, arg = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("jaxmed_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{path} defines no get_sweep(arg)")
-  sweep = module.get_sweep(arg)
-  if not sweep:
-    raise ValueError(f"{path}: get_sweep({arg!r}) returned no runs")
-  return sweep
 
 
 def slurm_script(config_arg: str, workdir: str, sweep: list[dict], sbatch_args: str,
@@ -138,10 +99,11 @@ def _main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   workdir = os.path.abspath(_WORKDIR.value)
   config_arg = _config_argument(sys.argv) or flags.FLAGS["config"].config_filename
+  from jaxmed.runner import run_config  # pylint: disable=g-import-not-at-top
   if command == "train":
     run_config(_CONFIG.value, workdir, progress=_PROGRESS.value)
     return 0
-  sweep = load_sweep(config_arg)
+  sweep = config_lib.load_sweep(config_arg)
   if _SLURM.value:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "sweep.sbatch")
@@ -154,7 +116,8 @@ def _main(argv):
     run_dir = os.path.join(workdir, f"{i:03d}")
     logging.info("sweep run %d/%d %s -> %s", i + 1, len(sweep), overrides, run_dir)
     print(f"[sweep {i + 1}/{len(sweep)}] {overrides} -> {run_dir}", flush=True)
-    run_config(apply_overrides(_CONFIG.value, overrides), run_dir, progress=_PROGRESS.value)
+    run_config(config_lib.apply_overrides(_CONFIG.value, overrides), run_dir,
+               progress=_PROGRESS.value)
   return 0
 
 
@@ -168,6 +131,20 @@ def _config_argument(argv: list[str]) -> str | None:
   return None
 
 
+def _resolve_config_flag(args: list[str]) -> list[str]:
+  """``--config NAME[:arg]`` (a config shipped with jaxmed) -> ``--config <its path>[:arg]``,
+  so that absl's config flag loads it; paths are left as they are."""
+  out = list(args)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      path, arg = config_lib.resolve_config_path(a.split("=", 1)[1])
+      out[i] = f"--config={path}" + (f":{arg}" if arg else "")
+    elif a == "--config" and i + 1 < len(out):
+      path, arg = config_lib.resolve_config_path(out[i + 1])
+      out[i + 1] = path + (f":{arg}" if arg else "")
+  return out
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -179,7 +156,7 @@ def main(argv=None):
           file=sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2
-  sys.argv = [f"jaxmed {command}"] + argv[2:]
+  sys.argv = [f"jaxmed {command}"] + _resolve_config_flag(argv[2:])
   app.run(lambda args: _main([command] + args[1:]), argv=sys.argv)
   return 0
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -23,41 +22,31 @@ import time
 import jax
 import numpy as np
 
+from jaxmed.config import load_config
 from jaxmed.data import datasets, synthetic
 from jaxmed.evaluate import finetune as finetune_lib
 from jaxmed.train import trainer
-from jaxmed.train.defaults import base_config
 
 
 def demo_configs(quick: bool = False):
-  """``(pretrain_config, finetune_config)`` of the demo; ``quick`` for smoke tests."""
-  pre = base_config()
-  pre.method = "restoration"
-  pre.data.num_subjects = 8 if quick else 24
-  pre.data.num_val = 0
-  pre.data.num_test = 2 if quick else 8
-  pre.data.shape = (16, 32, 32) if quick else (40, 64, 64)
-  pre.model.features = (4, 8) if quick else (12, 24, 48, 96)
-  pre.batch_size = 8
-  pre.total_steps = 6 if quick else 250
-  pre.log_every = 3 if quick else 25
-  pre.checkpoint.every = 0
-  pre.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=2 if quick else 20,
-                   weight_decay=0.0, grad_clip=1.0)
-  pre.pretext.update(corruption="inpaint", grid=8, keep_prob=0.7)
-
-  ft = base_config()
-  ft.method = "segmentation"
-  ft.data = copy.deepcopy(pre.data)
-  ft.model = copy.deepcopy(pre.model)
-  ft.batch_size = pre.batch_size
-  ft.total_steps = 6 if quick else 420
-  ft.log_every = pre.log_every
-  ft.checkpoint.every = 0
-  ft.optim.update(name="adam", lr=5e-3, schedule="cosine", warmup_steps=2 if quick else 20,
-                  weight_decay=0.0, grad_clip=1.0)
-  ft.data.augment.update(enabled=True, flip=True, rotation=10.0, scale=(0.9, 1.1), affine_p=0.3)
-  ft.finetune.num_labeled = 2 if quick else 4
+  """``(pretrain_config, finetune_config)`` of the demo: the shipped ``restoration`` and
+  ``finetune`` configs with the demo's overrides (``quick`` for smoke tests)."""
+  shared = {
+      "data.num_subjects": 8 if quick else 24, "data.num_val": 0,
+      "data.num_test": 2 if quick else 8, "data.shape": (16, 32, 32) if quick else (40, 64, 64),
+      "model.features": (4, 8) if quick else (12, 24, 48, 96), "batch_size": 8,
+      "log_every": 3 if quick else 25, "checkpoint.every": 0,
+      "optim.name": "adam", "optim.schedule": "cosine", "optim.warmup_steps": 2 if quick else 20,
+      "optim.weight_decay": 0.0, "optim.grad_clip": 1.0}
+  pre = load_config("restoration", {
+      **shared, "total_steps": 6 if quick else 250, "optim.lr": 2e-3,
+      "pretext.corruption": "inpaint", "pretext.grid": 8, "pretext.keep_prob": 0.7})
+  ft = load_config("finetune", {
+      **shared, "total_steps": 6 if quick else 420, "optim.lr": 5e-3,
+      # The demo has no validation subjects: no early stopping, no elastic deformation.
+      "eval_every": 0, "finetune.patience": 0, "data.augment.elastic_alpha": 0.0,
+      "data.augment.rotation": 10.0, "data.augment.scale": (0.9, 1.1),
+      "data.augment.affine_p": 0.3, "finetune.num_labeled": 2 if quick else 4})
   return pre, ft
 
 
@@ -127,7 +116,8 @@ def _save_inpainting_figure(method, variables, subject, path):
   depth = subject.image.shape[0]
   index = np.array([depth // 3, depth // 2, 2 * depth // 3])
   image = subject.image[index]
-  corrupted, recon = jax.jit(method.reconstruct)(variables, image, jax.random.PRNGKey(1))
+  corrupted, recon = jax.jit(method.reconstruct)(variables, {"image": image},
+                                                 jax.random.PRNGKey(1))
   corrupted, recon = np.asarray(corrupted), np.asarray(recon)
   fig, axes = plt.subplots(len(index), 3, figsize=(7.5, 2.6 * len(index)))
   for r in range(len(index)):

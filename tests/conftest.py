@@ -12,39 +12,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import sys
+
 import numpy as np
 import pytest
 
-# Overrides that make any UNet config tiny (also usable as `--config.<k>=<v>` flags).
-TINY_OVERRIDES = {
-    "model.features": (4, 8),
-    "data.num_subjects": 6,
-    "data.shape": (16, 16, 16),
-    "data.num_val": 1,
-    "data.num_test": 1,
-    "batch_size": 8,
-    "log_every": 5,
-}
-
-
-def tiny_flags(**extra):
-  """TINY_OVERRIDES (+ extra) as jaxmed CLI flags."""
-  items = {**TINY_OVERRIDES, **extra}
-  out = []
-  for k, v in items.items():
-    v = ",".join(map(str, v)) if isinstance(v, tuple) else v
-    out.append(f"--config.{k}={v}")
-  return out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import tiny_config as make_tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture
 def tiny_config():
   """A tiny in-painting config on 16^3 phantoms with a 2-level UNet."""
-  from jaxmed.cli import apply_overrides
-  from jaxmed.train.defaults import base_config
-  config = apply_overrides(base_config(), {**TINY_OVERRIDES, "total_steps": 12,
-                                           "checkpoint.every": 4, "tensorboard": False})
-  return config
+  return make_tiny_config("restoration")
 
 
 @pytest.fixture

@@ -4,33 +4,48 @@ import sys
 
 import pytest
 
-from jaxmed import cli
-from jaxmed.train.defaults import base_config
+from helpers import REPO, tiny_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from conftest import tiny_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxmed import cli, config as config_lib
 
 
-def _run(*args):
-  return subprocess.run([sys.executable, "-m", "jaxmed.cli", *args], cwd=REPO,
+def _run(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "jaxmed.cli", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=600)
 
 
 def test_typo_in_a_config_override_is_an_error(tmp_path):
-  proc = _run("train", "--config", "configs/restoration.py", "--workdir", str(tmp_path),
-              "--config.optim.lrr=0.1")
+  # A shipped config by its bare name, from a folder that is not the repository.
+  proc = _run("train", "--config", "restoration:size=small", "--workdir", str(tmp_path),
+              "--config.optim.lrr=0.1", cwd=tmp_path)
   assert proc.returncode != 0
   assert "lrr" in proc.stderr and "Did you mean" in proc.stderr
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+def test_shipped_configs_load_by_name_or_path():
+  assert {"si", "restoration", "finetune", "context_prediction",
+          "reconstruction"} <= set(config_lib.shipped_configs())
+  by_name = config_lib.load_config("si:strategy=within", {"total_steps": 3})
+  by_path = config_lib.load_config(os.path.join(REPO, "jaxmed/configs/si.py:strategy=within"))
+  assert by_name.pretext.strategy == "within" and by_name.total_steps == 3
+  assert by_path.pretext == by_name.pretext
+  with pytest.raises(FileNotFoundError, match="shipped: .*restoration"):
+    config_lib.resolve_config_path("restorashun")
+  with pytest.raises(ValueError, match="unknown method 'nope'.*restoration"):
+    config_lib.method_config("nope")
+
+
 def test_typo_in_a_config_file_is_an_error():
-  config = base_config()
+  config = config_lib.method_config("restoration")
   with pytest.raises(AttributeError):
     config.optim.lrr = 0.1
+  with pytest.raises(AttributeError):
+    config.pretext.gird = 4  # a method's own section is locked too
   with pytest.raises(KeyError, match="no such config field"):
-    cli.apply_overrides(config, {"pretext.gird": 4})
+    config_lib.apply_overrides(config, {"pretext.gird": 4})
+  with pytest.raises(KeyError, match="no config section"):
+    config_lib.apply_overrides(config, {"finetune.num_labeled": 4})  # not this method's
 
 
 def test_unknown_command_and_help():
@@ -39,7 +54,7 @@ def test_unknown_command_and_help():
 
 
 def test_sweep_runs_locally_and_writes_slurm_script(tmp_path):
-  proc = _run("sweep", "--config", "configs/finetune.py", "--workdir", str(tmp_path / "local"),
+  proc = _run("sweep", "--config", "finetune", "--workdir", str(tmp_path / "local"),
               "--noprogress", *tiny_flags(), "--config.total_steps=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   runs = sorted(os.listdir(tmp_path / "local"))
@@ -48,11 +63,11 @@ def test_sweep_runs_locally_and_writes_slurm_script(tmp_path):
     assert os.path.exists(tmp_path / "local" / run / "test_dice.json")
   assert "| 002 |" in proc.stdout  # each run prints its Dice table
 
-  proc = _run("sweep", "--config", "configs/restoration.py:size=small", "--workdir",
+  proc = _run("sweep", "--config", "jaxmed/configs/restoration.py:size=small", "--workdir",
               str(tmp_path / "slurm"), "--slurm", "--config.total_steps=7")
   assert proc.returncode == 0, proc.stderr[-3000:]
   script = open(tmp_path / "slurm" / "sweep.sbatch").read()
   assert "#SBATCH --array=0-17" in script
   assert "--config.pretext.grid=64 --config.pretext.keep_prob=0.75" in script
-  assert "configs/restoration.py:size=small" in script and "--config.total_steps=7" in script
+  assert "jaxmed/configs/restoration.py:size=small" in script and "--config.total_steps=7" in script
   subprocess.run(["bash", "-n", str(tmp_path / "slurm" / "sweep.sbatch")], check=True)

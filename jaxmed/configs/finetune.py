@@ -1,22 +1,22 @@
 """Segmentation fine-tuning of a (pre-trained) UNet (source_identification Sec. 5.4-5.5).
 
-    jaxmed train --config configs/finetune.py \
-        --config.finetune.init_from=/tmp/inpaint --config.finetune.num_labeled=4 --workdir ...
-Without ``init_from`` the model trains from scratch (the CNN baseline). The protocol of Sec.
-5.5.3: SGD momentum 0.99, poly schedule from 1e-2, weight decay 3e-5 (base config); rotation,
+    jaxmed train --config finetune \
+        --config.init.path=/tmp/inpaint --config.finetune.num_labeled=4 --workdir ...
+Without ``init.path`` the model trains from scratch (the CNN baseline). The protocol of Sec.
+5.5.3: SGD momentum 0.99, poly schedule from 1e-2, weight decay 3e-5 (base config); the
+pre-trained input and output layers are replaced (``init.replace``); rotation,
 scaling, flip and elastic augmentation; early stopping on the validation Dice, evaluated every
 ``eval_every`` steps, after ``finetune.patience`` evaluations without improvement (the best
 validation weights are tested); ``finetune.mixup_alpha > 0`` adds mixup (Sec. 6.4).
 """
 
-from jaxmed.train.defaults import base_config, make_small, parse_arg
+from jaxmed.config import make_small, method_config, parse_arg
 
 
 def get_config(arg: str = ""):
   """``arg``: comma-separated ``key=value``; ``size=small`` for a CPU-sized run."""
   args = parse_arg(arg, {"size": ""}, config="finetune")
-  c = base_config()
-  c.method = "segmentation"
+  c = method_config("segmentation")
   c.optim.lr = 1e-2
   c.data.augment.enabled = True
   c.data.augment.elastic_alpha = 2.0

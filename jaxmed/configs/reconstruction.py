@@ -1,17 +1,17 @@
 """Reconstruction of 4x-undersampled MRI by a 2D UNet (ssfd_feature_distance Sec. 2.1).
 
-    jaxmed train --config configs/reconstruction.py --workdir /tmp/recon
-    jaxmed train --config configs/reconstruction.py:size=small --workdir /tmp/recon
-    jaxmed train --config configs/reconstruction.py \
+    jaxmed train --config reconstruction --workdir /tmp/recon
+    jaxmed train --config reconstruction:size=small --workdir /tmp/recon
+    jaxmed train --config reconstruction \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
-    jaxmed sweep --config configs/reconstruction.py --workdir /tmp/recon_sweep
+    jaxmed sweep --config reconstruction --workdir /tmp/recon_sweep
 
 The sweep trains one model per acceleration (2, 4, 6, 8), giving reconstructions of graded
 quality for the SSFD / SSIM / PSNR comparison of Sec. 2.3.
 """
 
 from jaxmed.data.mri import fastmri_center_fraction as center_fraction
-from jaxmed.train.defaults import base_config, make_small, parse_arg
+from jaxmed.config import make_small, method_config, parse_arg
 
 ACCELERATIONS = (2, 4, 6, 8)
 
@@ -19,8 +19,7 @@ ACCELERATIONS = (2, 4, 6, 8)
 def get_config(arg: str = ""):
   """``arg``: comma-separated ``key=value``; ``size=small`` for a CPU-sized run."""
   args = parse_arg(arg, {"size": ""}, config="reconstruction")
-  c = base_config()
-  c.method = "reconstruction"
+  c = method_config("reconstruction")
   c.data.modalities = ("t2",)
   # Sec. 2.1: 4 levels, 32-256 filters, 2 convolutions per level. The paper does not say how
   # levels are down-sampled; we pool, as fastMRI's reconstruction UNet does (it average-pools;

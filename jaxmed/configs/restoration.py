@@ -2,21 +2,20 @@
 Sec. 4: in-painting (Eq. 8), local pixel shuffling (Eq. 9), super-resolution (Eq. 10) and
 non-linear intensity shift (Eq. 11), under the L1 + L2 loss (Eq. 4).
 
-    jaxmed train --config configs/restoration.py --workdir /tmp/inpaint
-    jaxmed train --config configs/restoration.py:corruption=local_shuffle,size=small \
-        --workdir /tmp/shuffle
-    jaxmed train --config configs/restoration.py:corruption=intensity \
+    jaxmed train --config restoration --workdir /tmp/inpaint
+    jaxmed train --config restoration:corruption=local_shuffle,size=small --workdir /tmp/shuffle
+    jaxmed train --config restoration:corruption=intensity \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
-    jaxmed sweep --config configs/restoration.py:corruption=super_resolution --workdir ...
+    jaxmed sweep --config restoration:corruption=super_resolution --workdir ...
 
 ``arg``: comma-separated ``key=value``: ``corruption`` (inpaint, local_shuffle,
 super_resolution, intensity; default inpaint) and ``size=small`` for a CPU-sized run. The
 optimiser (SGD, momentum 0.99, lr 1e-2, poly decay, weight decay 3e-5; Sec. 5.5.3) comes from
-`base_config`. Phantoms by default; a NIfTI folder when ``--config.data.root`` is given.
+the base config. Phantoms by default; a NIfTI folder when ``--config.data.root`` is given.
 """
 
 from jaxmed.methods.restoration import CORRUPTIONS
-from jaxmed.train.defaults import base_config, make_small, parse_arg
+from jaxmed.config import make_small, method_config, parse_arg
 
 _ARGS = {"corruption": "inpaint", "size": ""}
 # Sec. 5.3: grid sizes tuned from [2, 2] to [64, 64] for in-painting, local pixel shuffling and
@@ -36,13 +35,8 @@ def _parse(arg: str) -> dict:
 def get_config(arg: str = ""):
   """``arg``: ``corruption=<name>`` and/or ``size=small``."""
   args = _parse(arg)
-  c = base_config()
-  c.method = "restoration"
+  c = method_config("restoration")  # grid 8, keep_prob 0.75, shuffle_prob 0.5, invert_prob 0
   c.pretext.corruption = args["corruption"]
-  c.pretext.grid = 8
-  c.pretext.keep_prob = 0.75
-  c.pretext.shuffle_prob = 0.5
-  c.pretext.invert_prob = 0.0
   return make_small(c) if args["size"] == "small" else c
 
 

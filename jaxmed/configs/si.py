@@ -1,15 +1,15 @@
 """Source identification pre-training of a 2D UNet (source_identification Sec. 3.3, 5.2).
 
-    jaxmed train --config configs/si.py --workdir /tmp/si                      # CSI
-    jaxmed train --config configs/si.py:strategy=within,size=small --workdir /tmp/wsi
-    jaxmed train --config configs/si.py:strategy=denoise --workdir /tmp/dsi
-    jaxmed train --config configs/si.py \
+    jaxmed train --config si --workdir /tmp/si                      # CSI
+    jaxmed train --config si:strategy=within,size=small --workdir /tmp/wsi
+    jaxmed train --config si:strategy=denoise --workdir /tmp/dsi
+    jaxmed train --config si \
         --config.data.root=/data/BraTS2018 --config.data.crop=155,200,200 --workdir ...
-    jaxmed sweep --config configs/si.py --workdir /tmp/si_sweep                # Fig. 5
+    jaxmed sweep --config si --workdir /tmp/si_sweep                # Fig. 5
 """
 
 from jaxmed.methods.si import STRATEGIES
-from jaxmed.train.defaults import base_config, make_small, parse_arg
+from jaxmed.config import make_small, method_config, parse_arg
 
 
 def _args(arg: str) -> dict:
@@ -25,17 +25,10 @@ def get_config(arg: str = ""):
   WSI; DSI) and ``size=small`` for a CPU-sized run."""
   args = _args(arg)
   strategy = args["strategy"]
-  c = base_config()
-  c.method = "si"
-  # Sec. 5.5.3: SGD, momentum 0.99, lr 1e-2, poly schedule, weight decay 3e-5 (base_config).
-  c.optim.lr = 1e-2
-  # Sec. 5.2, Eq. 12: a pool of N = 5 sources, N~ = 3 per mixture, M~ = 2 mixtures; samples
-  # with no brain overlap between the mixed sources are excluded.
+  # Sec. 5.5.3: SGD, momentum 0.99, lr 1e-2, poly schedule, weight decay 3e-5 (the base
+  # config); Sec. 5.2: N = 5, N~ = 3, M~ = 2 (the method's defaults).
+  c = method_config("si")
   c.pretext.strategy = strategy
-  c.pretext.num_sources = 5
-  c.pretext.num_components = 3
-  c.pretext.num_mixtures = 2
-  c.pretext.min_overlap = 0.0
   return make_small(c) if args["size"] == "small" else c
 
 

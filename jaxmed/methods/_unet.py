@@ -1,16 +1,26 @@
-"""The 2D UNet every dense method builds from ``config.model``."""
+"""The UNet model section shared by the dense 2D methods."""
 
 from __future__ import annotations
 
-from jaxmed.methods.base import compute_dtype
-from jaxmed.models.unet import UNet
+# ``config.model`` of the UNet methods (jaxmed.models.unet.UNet's fields; ``spatial_dims`` and
+# ``out_channels`` come from the data).
+UNET_MODEL = dict(name="unet", features=(32, 64, 128, 256), norm="instance", num_groups=8,
+                  dropout=0.0, downsample="conv", dtype="float32")
 
 
-def build_unet(model_cfg, out_channels: int) -> UNet:
-  """A UNet from ``config.model`` (features, norm, num_groups, dropout, downsample, dtype)."""
-  return UNet(out_channels=out_channels, features=tuple(model_cfg.features),
-              spatial_dims=2, norm=model_cfg.get("norm", "instance"),
-              num_groups=int(model_cfg.get("num_groups", 8)),
-              dropout=float(model_cfg.get("dropout", 0.0)),
-              downsample=model_cfg.get("downsample", "conv"),
-              dtype=compute_dtype(model_cfg.get("dtype", "float32")))
+def spatial_dims(config) -> int:
+  """2 for slice data, 3 for volumes and crops (``config.data.view``)."""
+  return 3 if config.data.get("view", "slice") in ("volume", "crop") else 2
+
+
+class UNetFeatures:
+  """`features` for the UNet methods (linear probes, `jaxmed.evaluate.evaluators`)."""
+
+  def features(self, variables, image):
+    """``(N, F)`` global features of ``image`` ``(N, *spatial, C)``: the spatial mean of the
+    UNet's ``bottleneck`` activations, eval mode (the input built as in training, e.g. the
+    image repeated over the mixtures for source identification)."""
+    _, feats = self.model.apply(variables, self.model_inputs({"image": image}), train=False,
+                                return_features=True)
+    bottleneck = feats["bottleneck"]
+    return bottleneck.mean(axis=tuple(range(1, bottleneck.ndim - 1)))

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.losses import l2_loss
-from jaxmed.methods.base import Method, compute_dtype
-from jaxmed.models.ssfd_unet import SSFDUNet
+from jaxmed.methods.base import Method
 from jaxmed.pretext.context_mask import context_inpaint
 
 
@@ -61,14 +60,17 @@ class ContextPredictionMethod(Method):
 
   name = "context_prediction"
 
-  def build_model(self):
-    m = self.config.model
-    return SSFDUNet(out_channels=len(self.config.data.modalities), chans=int(m.chans),
-                    num_pool_layers=int(m.num_pool_layers), num_groups=int(m.num_groups),
-                    dropout=float(m.dropout), dtype=compute_dtype(m.get("dtype", "float32")))
+  @classmethod
+  def default_config(cls):
+    # The paper does not give the learning rate; 1e-3 (Adam's usual default), constant.
+    return {"model": dict(name="ssfd_unet", chans=20, num_pool_layers=4, num_groups=10,
+                          dropout=0.1, dtype="float32"),
+            "pretext": dict(patch=16, coverage=0.25),
+            "optim": dict(name="adam", schedule="constant", lr=1e-3, weight_decay=0.0),
+            "data": dict(modalities=("t2",), shape=(32, 128, 128))}
 
-  def model_inputs(self, batch):
-    return batch["image"]
+  def model_arguments(self):
+    return {"out_channels": len(self.config.data.modalities)}
 
   def _inpaint(self, key, normalized):
     cfg = self.config.pretext
@@ -79,7 +81,8 @@ class ContextPredictionMethod(Method):
     zero-filled, and the ``(N, H, W)`` bool mask, True in the patches."""
     return self._inpaint(key, standardize(image))
 
-  def loss(self, variables, batch, key, *, train):
+  def loss(self, variables, batch, key, *, train, step=0):
+    del step
     mask_key, dropout_key = jax.random.split(key)
     target = standardize(batch["image"])
     corrupted, mask = self._inpaint(mask_key, target)
@@ -94,9 +97,3 @@ class ContextPredictionMethod(Method):
     with their patches zero-filled, and the z-scored images."""
     corrupted, _ = self.corrupt(key, batch["image"])
     return corrupted, standardize(batch["image"])
-
-  def reconstruct(self, variables, image, key):
-    """``(corrupted, prediction)`` in the z-scored intensity scale, eval mode."""
-    corrupted, _ = self.corrupt(key, image)
-    pred, _ = self.apply(variables, corrupted, None, train=False)
-    return corrupted, pred

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxmed.data import mri
 from jaxmed.losses import l1_loss
-from jaxmed.methods._unet import build_unet
+from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
 from jaxmed.methods.base import Method
 from jaxmed.metrics import psnr
 
@@ -46,7 +46,7 @@ def _data_range(target):
   return jnp.where(span > 0, span, 1.0)
 
 
-class ReconstructionMethod(Method):
+class ReconstructionMethod(UNetFeatures, Method):
   """Config: ``model`` (UNet fields), ``mri.mask`` ("random" / "equispaced"),
   ``mri.accelerations`` and ``mri.center_fractions`` (paired by index, one pair drawn per
   example), ``data.modalities`` (the channels reconstructed).
@@ -67,8 +67,16 @@ class ReconstructionMethod(Method):
         fn="ReconstructionMethod (config.mri)")
     super().__init__(config)
 
-  def build_model(self):
-    return build_unet(self.config.model, out_channels=len(self.config.data.modalities))
+  @classmethod
+  def default_config(cls):
+    # Undersampled MRI (jaxmed.data.mri): Cartesian mask "random" or "equispaced" along the
+    # phase-encode (W) axis; each example draws one acceleration and its centre fraction.
+    return {"model": UNET_MODEL,
+            "mri": dict(mask="random", accelerations=(4,), center_fractions=(0.08,))}
+
+  def model_arguments(self):
+    return {"out_channels": len(self.config.data.modalities),
+            "spatial_dims": spatial_dims(self.config)}
 
   def model_inputs(self, batch):
     return batch["image"]
@@ -97,7 +105,8 @@ class ReconstructionMethod(Method):
         accelerations=self.accelerations, center_fractions=self.center_fractions)
     return zero_filled_channels(image, masks), masks, acceleration
 
-  def loss(self, variables, batch, key, *, train):
+  def loss(self, variables, batch, key, *, train, step=0):
+    del step
     mask_key, dropout_key = jax.random.split(key)
     image = batch["image"]
     zf, masks, acceleration = self.undersample(mask_key, image)
@@ -111,9 +120,8 @@ class ReconstructionMethod(Method):
                "sampled_fraction": jnp.mean(masks.astype(jnp.float32))}
     return loss, metrics, model_state
 
-  def reconstruct(self, variables, image, key):
-    """``(zero-filled input, reconstruction)``, both ``(N, H, W, C)``, in eval mode."""
+  def pretext_example(self, key, batch):
+    """``(zero-filled input, fully sampled target)``, both ``(N, H, W, C)``."""
+    image = jnp.asarray(batch["image"])
     zf, _, _ = self.undersample(key, image)
-    image = jnp.asarray(image)
-    pred, _ = self.apply(variables, zf.astype(image.dtype), None, train=False)
-    return zf, pred
+    return zf.astype(image.dtype), image

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.losses import l1_l2_loss, l1_loss
-from jaxmed.methods._unet import build_unet
+from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
 from jaxmed.methods.base import Method
 from jaxmed.pretext.inpaint import grid_inpaint
 from jaxmed.pretext.intensity import bezier_intensity
@@ -56,7 +56,7 @@ CORRUPTIONS = {
 LOSS_REGIONS = ("all", "masked")
 
 
-class RestorationMethod(Method):
+class RestorationMethod(UNetFeatures, Method):
   """Config: ``model`` (UNet fields), ``pretext.corruption`` (one of `CORRUPTIONS`),
   ``pretext.grid`` (cell size), ``pretext.keep_prob`` (inpaint), ``pretext.shuffle_prob``
   (local_shuffle), ``pretext.invert_prob`` (intensity), ``pretext.loss_region`` ("all": the
@@ -84,18 +84,23 @@ class RestorationMethod(Method):
     jax.eval_shape(self.corrupt, jax.random.PRNGKey(0),
                    jax.ShapeDtypeStruct((1, 8, 8, channels), jnp.float32))
 
-  def build_model(self):
-    return build_unet(self.config.model, out_channels=len(self.config.data.modalities))
+  @classmethod
+  def default_config(cls):
+    return {"model": UNET_MODEL,
+            "pretext": dict(corruption="inpaint", grid=8, keep_prob=0.75, loss_region="all",
+                            shuffle_prob=0.5, invert_prob=0.0)}
 
-  def model_inputs(self, batch):
-    return batch["image"]
+  def model_arguments(self):
+    return {"out_channels": len(self.config.data.modalities),
+            "spatial_dims": spatial_dims(self.config)}
 
   def corrupt(self, key, image):
     """``(corrupted, mask)`` for an image batch ``(N, H, W, C)``: the corrupted images and the
     bool ``(N, H, W)`` mask of corrupted cells (None when every pixel is corrupted)."""
     return CORRUPTIONS[self.corruption][0](key, image, self.config.pretext)
 
-  def loss(self, variables, batch, key, *, train):
+  def loss(self, variables, batch, key, *, train, step=0):
+    del step
     corrupt_key, dropout_key = jax.random.split(key)
     image = batch["image"]
     corrupted, mask = self.corrupt(corrupt_key, image)
@@ -113,9 +118,3 @@ class RestorationMethod(Method):
     the corrupted images and the originals."""
     corrupted, _ = self.corrupt(key, batch["image"])
     return corrupted, batch["image"]
-
-  def reconstruct(self, variables, image, key):
-    """``(corrupted, reconstruction)`` for visualisation, eval mode."""
-    corrupted, _ = self.corrupt(key, image)
-    pred, _ = self.apply(variables, corrupted, None, train=False)
-    return corrupted, pred

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxmed.data.subject import label_regions, region_names
 from jaxmed.losses import sigmoid_dice_ce_loss
-from jaxmed.methods._unet import build_unet
+from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
 from jaxmed.methods.base import Method
 from jaxmed.metrics import dice
 
@@ -45,7 +45,18 @@ def mixup(key, image, target, *, alpha: float):
   return blend(image.astype(jnp.float32)).astype(image.dtype), blend(target)
 
 
-class SegmentationMethod(Method):
+# ``config.finetune``: which labelled subjects, early stopping, mixup (jaxmed.evaluate.finetune).
+FINETUNE = dict(
+    num_labeled=0, label_fraction=1.0, eval_batch_size=32,
+    # Early stopping (source_identification Sec. 5.5.3): stop after `patience` evaluations
+    # (every `eval_every` steps) without a better mean validation Dice (0: never), not before
+    # step `min_steps`, and test the best weights.
+    patience=0, min_steps=0,
+    # Mixup (Zhang et al. 2018; source_identification Sec. 6.4): lambda ~ Beta(a, a), a > 0.
+    mixup_alpha=0.0)
+
+
+class SegmentationMethod(UNetFeatures, Method):
   """Config: ``model`` (UNet fields), ``data.pathology`` ("tumour" or "wmh"),
   ``finetune.mixup_alpha`` (> 0 enables mixup in training)."""
 
@@ -55,17 +66,24 @@ class SegmentationMethod(Method):
   def regions(self) -> tuple[str, ...]:
     return region_names(self.config.data.pathology)
 
-  def build_model(self):
-    return build_unet(self.config.model, out_channels=len(self.regions))
+  @classmethod
+  def default_config(cls):
+    # Sec. 5.4: the pre-trained input and output layers are replaced (in every collection).
+    return {"model": UNET_MODEL, "finetune": FINETUNE,
+            "init": dict(replace=(r"[^/]+/input_conv/.*", r"[^/]+/output_conv/.*")),
+            # Train on every slice of the labelled subjects (0.0) so that the model also sees
+            # slices with little or no brain, as it will when evaluated on whole volumes.
+            "data": dict(min_foreground=0.0)}
 
-  def model_inputs(self, batch):
-    return batch["image"]
+  def model_arguments(self):
+    return {"out_channels": len(self.regions), "spatial_dims": spatial_dims(self.config)}
 
   def targets(self, batch):
     """``(N, H, W, R)`` bool region masks from the label map."""
     return label_regions(batch["label"], self.config.data.pathology)
 
-  def loss(self, variables, batch, key, *, train):
+  def loss(self, variables, batch, key, *, train, step=0):
+    del step
     image, target = batch["image"], self.targets(batch)
     alpha = float(self.config.finetune.get("mixup_alpha", 0.0))
     mix_key, key = jax.random.split(key)

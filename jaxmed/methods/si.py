@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxmed.losses import l1_loss, l2_loss
 from jaxmed.methods.base import Method
-from jaxmed.methods._unet import build_unet
+from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
 from jaxmed.pretext.mixing import PartnerSampler, mix_sources, noise_partners
 
 STRATEGIES = ("cross", "within", "denoise")
@@ -29,7 +29,7 @@ def _int_field(cfg, name: str) -> int:
   return int(value)
 
 
-class SourceIdentificationMethod(Method):
+class SourceIdentificationMethod(UNetFeatures, Method):
   """Config: ``model`` (UNet fields), ``pretext.strategy`` ("cross" = CSI, "within" = WSI,
   "denoise" = DSI), ``pretext.num_sources`` (N), ``pretext.num_components`` (N~),
   ``pretext.num_mixtures`` (M~), ``pretext.min_overlap``, ``data.modalities`` (T channels).
@@ -64,8 +64,17 @@ class SourceIdentificationMethod(Method):
     self.num_partners = self.num_sources - 1
     super().__init__(config)
 
-  def build_model(self):
-    return build_unet(self.config.model, out_channels=len(self.config.data.modalities))
+  @classmethod
+  def default_config(cls):
+    # Sec. 5.2, Eq. 12: a pool of N = 5 sources, N~ = 3 per mixture, M~ = 2 mixtures; samples
+    # whose mixed brain masks overlap less than min_overlap are excluded.
+    return {"model": UNET_MODEL,
+            "pretext": dict(strategy="cross", num_sources=5, num_components=3, num_mixtures=2,
+                            min_overlap=0.0)}
+
+  def model_arguments(self):
+    return {"out_channels": len(self.config.data.modalities),
+            "spatial_dims": spatial_dims(self.config)}
 
   def model_inputs(self, batch):
     return jnp.tile(batch["image"], (1, 1, 1, self.num_mixtures))
@@ -126,7 +135,8 @@ class SourceIdentificationMethod(Method):
                        num_components=self.num_components, target_mask=target_mask,
                        partner_masks=partner_masks, min_overlap=self.min_overlap)
 
-  def loss(self, variables, batch, key, *, train):
+  def loss(self, variables, batch, key, *, train, step=0):
+    del step
     """Eq. 4 / Eq. 7: L1 + L2 between ``s1`` and the UNet output, averaged over valid samples
     (0 when none is valid)."""
     mix_key, dropout_key = jax.random.split(key)
@@ -143,9 +153,3 @@ class SourceIdentificationMethod(Method):
     """``(network input (B, H, W, M~ T), target (B, H, W, T))``: the mixtures and ``s1``."""
     mixture = self.mix(key, batch)
     return mixture.inputs, mixture.target
-
-  def reconstruct(self, variables, batch, key):
-    """``(inputs (B, H, W, M~ T), prediction (B, H, W, T))`` for figures, eval mode."""
-    mixture = self.mix(key, batch)
-    pred, _ = self.apply(variables, mixture.inputs, None, train=False)
-    return mixture.inputs, pred

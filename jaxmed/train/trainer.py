@@ -2,9 +2,10 @@
 
     state = train(config, workdir)            # method, data, optimizer, mesh all from config
 
-The step: per-step key ``fold_in(rng, step)`` -> on-device augmentation -> method loss and
-gradients (optionally accumulated over micro-batches) -> optimizer update, skipped (and counted)
-when the loss or gradient norm is not finite. The loop: restore the latest checkpoint (state +
+The step: per-step key ``fold_in(rng, step)`` -> the method's update (by default: its
+augmentation, loss and gradients, optionally accumulated over micro-batches, and one update of
+every parameter group) -> its after-update hook; skipped (and counted) when the loss or
+gradient norm is not finite. The loop: restore the latest checkpoint (state +
 data iterator) if any, log every ``log_every`` steps to ``metrics.jsonl`` / TensorBoard / the
 console, run evaluation hooks every ``eval_every`` steps, checkpoint every ``checkpoint.every``
 steps and on SIGTERM, abort after ``max_nonfinite`` skipped steps in a row.
@@ -19,12 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from jaxmed import methods as methods_lib
-from jaxmed.data import datasets, pipeline
-from jaxmed.data.transforms import Augment
+from jaxmed.data import datasets, pipeline, views
 from jaxmed.train import checkpoint as ckpt_lib
 from jaxmed.train import logging as log_lib
 from jaxmed.train import optim, sharding
@@ -69,70 +68,30 @@ def _init_compiler_options():
   return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def make_augment(cfg) -> Augment | None:
-  """`Augment` from ``config.data.augment`` (None when absent or ``enabled=False``)."""
-  if not cfg or not cfg.get("enabled", True):
-    return None
-  return Augment.from_config({k: v for k, v in cfg.items() if k != "enabled"})
+def make_train_step(method):
+  """``step(state, batch) -> (state, metrics)``, pure; jit it with shardings.
 
-
-def make_train_step(method, tx, schedule, *, augment: Augment | None, accum_steps: int = 1):
-  """``step(state, batch) -> (state, metrics)``, pure; jit it with shardings."""
-
-  def loss_and_grad(params, model_state, batch, key):
-    def loss_fn(p):
-      loss, metrics, new_state = method.loss({"params": p, **model_state}, batch, key, train=True)
-      return loss.astype(jnp.float32), (metrics, new_state)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
+  The per-step key is ``fold_in(state.rng, state.step)``; `Method.update` does the work, then
+  `Method.after_update`. A step whose ``loss`` or ``grad_norm`` is not finite leaves
+  parameters, optimizer, model and method state unchanged and is counted.
+  """
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
-    aug_key, loss_key = jax.random.split(key)
-    if augment is not None:
-      image, label = augment.batch(aug_key, batch["image"], batch.get("label"))
-      batch = {**batch, "image": image, **({"label": label} if label is not None else {})}
-    if accum_steps == 1:
-      (loss, (metrics, model_state)), grads = loss_and_grad(
-          state.params, state.model_state, batch, loss_key)
-    else:
-      micro = jax.tree.map(
-          lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
-
-      def body(carry, inputs):
-        grads_sum, loss_sum, metrics_sum, model_state = carry
-        i, mb = inputs
-        (loss, (metrics, model_state)), grads = loss_and_grad(
-            state.params, model_state, mb, jax.random.fold_in(loss_key, i))
-        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
-                jax.tree.map(jnp.add, metrics_sum, metrics), model_state), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      first = jax.tree.map(lambda x: x[0], micro)
-      metrics_shape = jax.eval_shape(
-          lambda: loss_and_grad(state.params, state.model_state, first, loss_key))[0][1][0]
-      metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-      (grads, loss, metrics, model_state), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32), metrics0, state.model_state),
-          (jnp.arange(accum_steps), micro))
-      grads = jax.tree.map(lambda g: g / accum_steps, grads)
-      loss = loss / accum_steps
-      metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
-
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new_state, metrics = method.update(state, batch, key)
+    new_state = method.after_update(new_state)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        model_state=keep(model_state, state.model_state),
+        params=keep(new_state.params, state.params),
+        opt_state=keep(new_state.opt_state, state.opt_state),
+        model_state=keep(new_state.model_state, state.model_state),
+        method_state=keep(new_state.method_state, state.method_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-    out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+    out = {**metrics, **state.optimizer.learning_rates(state.step),
            "nonfinite_streak": new_state.nonfinite_streak,
-           "nonfinite_total": new_state.nonfinite_total, **metrics}
+           "nonfinite_total": new_state.nonfinite_total}
     return new_state, out
 
   return step
@@ -142,7 +101,7 @@ def setup(config, method, example_batch, mesh):
   """The step-0 train state, placed in its shardings, and the jitted, sharded train step.
 
   Args:
-    config: experiment config (``seed``, ``total_steps``, ``optim``, ``data.augment``).
+    config: experiment config (``seed``, ``total_steps``, ``optim``, ``param_groups``).
     method: the `Method` to train.
     example_batch: a global batch (arrays or shapes) that fixes the input shapes.
     mesh: the device mesh.
@@ -150,27 +109,28 @@ def setup(config, method, example_batch, mesh):
   Returns:
     ``(state, step_fn, state_shardings)``; ``step_fn(state, batch)`` donates ``state``.
   """
-  tx, schedule = optim.make_optimizer(config.optim, int(config.total_steps))
+  optimizer = optim.make_grouped_optimizer(config, int(config.total_steps))
   rng = jax.random.PRNGKey(int(config.seed))
 
   def init_fn(rng):
     init_key, step_key = jax.random.split(rng)
-    return TrainState.create(variables=method.init(init_key, example_batch), tx=tx,
-                             rng=step_key)
+    return TrainState.create(variables=method.init(init_key, example_batch),
+                             optimizer=optimizer, rng=step_key,
+                             method_state=method.init_method_state(example_batch))
 
   state_sh = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh)
   state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_init_compiler_options())(rng)
-  step = make_train_step(method, tx, schedule, augment=make_augment(config.data.get("augment")),
-                         accum_steps=int(config.optim.get("accum_steps", 1)))
-  step_fn = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+  step_fn = jax.jit(make_train_step(method),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, None), donate_argnums=(0,))
   return state, step_fn, state_sh
 
 
 def train(config, workdir: str, *, method: methods_lib.Method | None = None,
-          train_arrays: Mapping[str, np.ndarray] | None = None,
+          train_arrays: Mapping[str, np.ndarray] | None = None, subjects: Sequence | None = None,
           init_variables: Callable[[dict], dict] | None = None,
-          hooks: Sequence[EvalHook] = (), stop: StopRule | None = None,
+          hooks: Sequence[EvalHook] = (), evaluators: Sequence = (),
+          stop: StopRule | None = None,
           progress: bool = True) -> TrainResult:
   """Trains ``config.method`` on ``config.data`` (or ``train_arrays``) into ``workdir``.
 
@@ -178,31 +138,39 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     config: the experiment `ml_collections.ConfigDict`.
     workdir: output folder (checkpoints/, metrics.jsonl, tensorboard/).
     method: a prebuilt method (default: from ``config.method``).
-    train_arrays: training examples as a dict of arrays (default: slices of the configured
-      data's train split).
+    train_arrays: training examples as a dict of arrays (default: the ``config.data.view`` of
+      ``subjects``, `jaxmed.data.views.make_view`).
+    subjects: the training subjects (default: the configured data's train split).
     init_variables: maps freshly initialised variables to the starting ones (transfer learning);
       ignored when resuming from a checkpoint.
     hooks: evaluation hooks ``(step, state) -> metrics``, run every ``config.eval_every`` steps
       and at the end; their metrics are logged with that step.
+    evaluators: `jaxmed.evaluate.evaluators.Evaluator`-like objects (``should_run(step,
+      final)``, ``__call__(step, variables) -> metrics``), each on its own schedule; their
+      metrics are logged with the step.
     stop: early stopping: ``stop(step, metrics) -> bool`` is asked after every evaluation with
       the logged metrics; True saves a checkpoint and ends training (``stopped_early``).
     progress: show a console progress bar.
   """
   os.makedirs(workdir, exist_ok=True)
   method = method or methods_lib.get_method(config)
+  view_transform = None
   if train_arrays is None:
-    subjects = datasets.load_splits(config.data)["train"]
-    train_arrays = datasets.slice_view(subjects,
-                                       min_foreground=float(config.data.min_foreground))
+    if subjects is None:
+      subjects = datasets.load_splits(config.data)["train"]
+    train_arrays, view_transform = views.make_view(config.data, subjects)
   total_steps = int(config.total_steps)
   batch_size = int(config.batch_size)
   accum = int(config.optim.get("accum_steps", 1))
   mesh = sharding.make_mesh(config.get("mesh"))
+  if accum > 1 and type(method).update is not methods_lib.Method.update:
+    raise ValueError(f"optim.accum_steps={accum}: gradient accumulation is part of the default "
+                     f"Method.update, which method {method.name!r} overrides")
   if batch_size % (accum * mesh.size):
     raise ValueError(f"batch_size={batch_size} must be divisible by optim.accum_steps={accum} x "
                      f"{mesh.size} devices")
 
-  transform = method.example_transform(train_arrays)
+  transform = views.compose(view_transform, method.example_transform(train_arrays))
   data_iter = pipeline.train_iterator(train_arrays, global_batch_size=batch_size,
                                       seed=int(config.seed), transform=transform)
   first = {k: v[0] for k, v in train_arrays.items()}
@@ -221,7 +189,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     variables = init_variables(jax.device_get(state.variables))
     params = variables.pop("params")
     state = jax.device_put(state.replace(params=params, model_state=variables,
-                                         opt_state=state.tx.init(params)), state_sh)
+                                         opt_state=state.optimizer.init(params)), state_sh)
 
   start = int(state.step)
   writer = log_lib.MetricWriter(workdir, resume_step=start,
@@ -239,13 +207,16 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
         bar.update(step)
         final = step == total_steps
         do_eval = bool(hooks) and (final or (eval_every and step % eval_every == 0))
-        if final or step % log_every == 0 or do_eval:
+        due = [e for e in evaluators if e.should_run(step, final)]
+        if final or step % log_every == 0 or do_eval or due:
           last = {k: float(v) for k, v in jax.device_get(metrics).items()}
           last["steps_per_sec"] = bar.steps_per_sec(step)
           last["images_per_sec"] = last["steps_per_sec"] * batch_size
           if do_eval:
             for hook in hooks:
               last.update(hook(step, state))
+          for evaluator in due:
+            last.update(evaluator(step, state.variables))
           writer.write(step, last)
           bar.set_loss(last["loss"])
           # Checked at log steps only (no per-step host sync); skipped steps leave the

@@ -557,10 +557,9 @@ def test_read_folder_grade_from_names_and_errors(tmp_path):
 
 
 def test_write_case_round_trip_and_training_from_a_nifti_config(tmp_path):
-  from jaxmed.cli import apply_overrides
+  from helpers import config_for  # pylint: disable=g-import-not-at-top
   from jaxmed.data import datasets, synthetic
   from jaxmed.train import trainer
-  from jaxmed.train.defaults import base_config
 
   subjects = synthetic.make_subjects(4, seed=3, shape=(16, 24, 20))
   for s in subjects:
@@ -570,7 +569,7 @@ def test_write_case_round_trip_and_training_from_a_nifti_config(tmp_path):
   np.testing.assert_array_equal(back.label, subjects[0].label)
   assert back.modalities == synthetic.MODALITIES and back.spacing == (1.0, 1.0, 1.0)
 
-  config = apply_overrides(base_config(), {
+  config = config_for("restoration", {
       "data.root": str(tmp_path / "brats"), "data.crop": (16, 16, 16),  # source "auto": NIfTI
       "data.modalities": ("flair", "t1ce"), "data.num_val": 0, "data.num_test": 1,
       "model.features": (4, 8), "batch_size": 4, "total_steps": 2, "log_every": 1,

@@ -5,11 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmed.cli import apply_overrides
+from helpers import tiny_config as make_tiny_config
+
 from jaxmed.data import datasets
-from jaxmed.evaluate import finetune
+from jaxmed.evaluate import evaluators, finetune
 from jaxmed.methods import RestorationMethod, SegmentationMethod
 from jaxmed.train import checkpoint, trainer
+from jaxmed.train import init as init_lib
 
 
 def _variables(method, channels):
@@ -19,11 +21,11 @@ def _variables(method, channels):
 
 def test_transfer_replaces_input_and_output_layers_only(tiny_config):
   pre = _variables(RestorationMethod(tiny_config), 8)  # e.g. 2 mixtures x 4 modalities
-  tiny_config.method = "segmentation"
-  fresh = _variables(SegmentationMethod(tiny_config), 4)
-  out = finetune.transfer_variables(pre, fresh)
+  ft_config = make_tiny_config("segmentation")
+  fresh = _variables(SegmentationMethod(ft_config), 4)
+  out = init_lib.transfer(pre, fresh, replace=ft_config.init.replace)
   for name, value in out["params"].items():
-    src = fresh if name in finetune.REPLACED_LAYERS else pre
+    src = fresh if name in ("input_conv", "output_conv") else pre
     jax.tree.map(np.testing.assert_array_equal, value, src["params"][name])
   assert out["params"]["input_conv"]["conv"]["kernel"].shape[-2] == 4
   assert out["params"]["output_conv"]["kernel"].shape[-1] == 3
@@ -33,16 +35,14 @@ def test_transfer_lists_mismatches(tiny_config):
   pre = _variables(RestorationMethod(tiny_config), 4)
   tiny_config.model.features = (4, 16)
   fresh = _variables(RestorationMethod(tiny_config), 4)
-  with pytest.raises(ValueError, match=r"(?s)cannot transfer.*bottleneck.*shape"):
-    finetune.transfer_variables(pre, fresh)
+  with pytest.raises(ValueError, match=r"(?s)bottleneck.*shape"):
+    init_lib.transfer(pre, fresh)
 
 
 def test_pretrain_then_finetune_end_to_end(tiny_config, tmp_path):
   pre = trainer.train(tiny_config, str(tmp_path / "pre"), progress=False)
-  ft_config = apply_overrides(tiny_config, {"method": "segmentation",
-                                            "finetune.init_from": str(tmp_path / "pre"),
-                                            "finetune.num_labeled": 2, "total_steps": 4,
-                                            "eval_every": 2})
+  ft_config = make_tiny_config("segmentation", init__path=str(tmp_path / "pre"),
+                               finetune__num_labeled=2, total_steps=4, eval_every=2)
   result = finetune.finetune(ft_config, str(tmp_path / "ft"), progress=False)
   # The fine-tuned model started from the pre-trained encoder: its first step moved away from
   # the pre-trained weights, not from a fresh initialisation.
@@ -57,13 +57,13 @@ def test_pretrain_then_finetune_end_to_end(tiny_config, tmp_path):
   assert "val/dice_WT" in records[-1] and records[-1]["step"] == 4
 
 
-def test_evaluate_subjects_perfect_prediction(tiny_config, monkeypatch):
-  tiny_config.method = "segmentation"
-  method = SegmentationMethod(tiny_config)
-  subjects = datasets.load_splits(tiny_config.data)["test"]
+def test_evaluate_subjects_perfect_prediction(monkeypatch):
+  config = make_tiny_config("segmentation")
+  method = SegmentationMethod(config)
+  subjects = datasets.load_splits(config.data)["test"]
   # A model that predicts the truth: patch predict_volume through the method's predict.
   truth = {id(s.image): s.regions for s in subjects}
-  monkeypatch.setattr(finetune, "predict_volume", lambda m, v, image, batch_size: truth[id(image)])
+  monkeypatch.setattr(evaluators, "predict_volume", lambda m, v, image, **kw: truth[id(image)])
   result = finetune.evaluate_subjects(method, None, subjects)
   finite = result["dice"][np.isfinite(result["dice"])]
   assert finite.size and np.all(finite == 1.0)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from helpers import tiny_config as make_tiny_config
+
 from jaxmed.data import datasets
-from jaxmed.evaluate import compare, finetune
+from jaxmed.evaluate import compare, evaluators, finetune
 from jaxmed.methods.segmentation import SegmentationMethod, mixup
 from jaxmed.train import trainer
 
@@ -70,10 +72,8 @@ def test_mixup_blends_images_and_targets_alike():
     mixup(jax.random.PRNGKey(0), image, target, alpha=0.0)
 
 
-def test_segmentation_loss_with_mixup_is_finite(tiny_config, tiny_arrays):
-  tiny_config.method = "segmentation"
-  tiny_config.finetune.mixup_alpha = 0.2
-  method = SegmentationMethod(tiny_config)
+def test_segmentation_loss_with_mixup_is_finite(tiny_arrays):
+  method = SegmentationMethod(make_tiny_config("segmentation", finetune__mixup_alpha=0.2))
   batch = {k: v[:4] for k, v in tiny_arrays.items()}
   variables = method.init(jax.random.PRNGKey(0), batch)
   loss, metrics, _ = jax.jit(lambda v, b, k: method.loss(v, b, k, train=True))(
@@ -81,13 +81,13 @@ def test_segmentation_loss_with_mixup_is_finite(tiny_config, tiny_arrays):
   assert np.isfinite(float(loss)) and set(metrics) == {"dice_WT", "dice_TC", "dice_ET"}
 
 
-def test_all_region_is_dice_of_the_concatenated_regions(tiny_config, monkeypatch):
-  tiny_config.method = "segmentation"
-  method = SegmentationMethod(tiny_config)
-  subject = datasets.load_splits(tiny_config.data)["test"][0]
+def test_all_region_is_dice_of_the_concatenated_regions(monkeypatch):
+  config = make_tiny_config("segmentation")
+  method = SegmentationMethod(config)
+  subject = datasets.load_splits(config.data)["test"][0]
   rng = np.random.default_rng(0)
   pred = rng.random(subject.regions.shape) > 0.5
-  monkeypatch.setattr(finetune, "predict_volume", lambda m, v, image, batch_size: pred)
+  monkeypatch.setattr(evaluators, "predict_volume", lambda m, v, image, **kw: pred)
   result = finetune.evaluate_subjects(method, None, [subject])
   assert result["regions"] == ("WT", "TC", "ET", "All")
   truth = subject.regions

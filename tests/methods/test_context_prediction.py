@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from jaxmed import metrics
-from jaxmed.cli import apply_overrides
+from helpers import REPO, config_for
+
 from jaxmed.losses import l2_loss
 from jaxmed.methods.context_prediction import (ContextPredictionMethod, encoder_params,
                                                standardize)
 from jaxmed.models import SSFDEncoder, SSFDUNet
 from jaxmed.train import trainer
-from jaxmed.train.defaults import base_config
+from jaxmed.config import base_config
 from jaxmed.train.logging import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Dropout 0 so that the training loss equals the eval-mode loss (one compiled loss for both).
 TINY = {"model.chans": 4, "model.num_groups": 2, "model.num_pool_layers": 2,
         "model.dropout": 0.0, "pretext.patch": 8, "pretext.coverage": 0.25,
@@ -26,7 +26,7 @@ TINY = {"model.chans": 4, "model.num_groups": 2, "model.num_pool_layers": 2,
 
 
 def _config(**overrides):
-  return apply_overrides(base_config(), {**TINY, **overrides})
+  return config_for("context_prediction", {**TINY, **overrides})
 
 
 def _images(n=4, channels=2, seed=0):
@@ -108,7 +108,7 @@ def test_model_input_is_the_z_scored_image_zero_filled_in_the_patches(setup):
   np.testing.assert_array_equal(corrupted[~mask], z[~mask])
   # reconstruct shows exactly this input; the loss (no dropout here) is the L2 between its
   # prediction and the whole z-scored image, masked_l2 the same inside the patches.
-  shown, pred = jax.jit(method.reconstruct)(variables, batch["image"], mask_key)
+  shown, pred = jax.jit(method.reconstruct)(variables, batch, mask_key)
   np.testing.assert_array_equal(shown, corrupted)
   assert pred.shape == z.shape and pred.dtype == jnp.float32
   (loss, m), _ = value_and_grad(variables["params"], batch["image"], key)
@@ -162,7 +162,7 @@ def test_encoder_params_feed_ssfd_encoder_and_the_metric(setup):
 
 def _config_module():
   spec = importlib.util.spec_from_file_location(
-      "context_prediction_config", os.path.join(REPO, "configs/context_prediction.py"))
+      "context_prediction_config", os.path.join(REPO, "jaxmed/configs/context_prediction.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

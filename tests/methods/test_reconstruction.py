@@ -9,23 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmed.cli import apply_overrides
+from helpers import REPO, config_for
+
+from jaxmed.config import apply_overrides
 from jaxmed.data import mri
 from jaxmed.methods.reconstruction import ReconstructionMethod, zero_filled_channels
 from jaxmed.train import trainer
-from jaxmed.train.defaults import base_config
 from jaxmed.train.logging import read_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(modalities=("t2",), **mri_fields):
-  c = base_config()
-  c.method = "reconstruction"
-  c.model.features = (4, 8)
-  c.data.modalities = modalities
-  c.mri.update(mri_fields)
-  return c
+  return config_for("reconstruction", {"model.features": (4, 8), "data.modalities": modalities,
+                                       **{f"mri.{k}": v for k, v in mri_fields.items()}})
 
 
 def _image(n=4, channels=1):
@@ -71,7 +66,7 @@ def test_reconstruct_is_eval_mode_on_the_zero_filled_input(trained):
   method, result, _ = trained
   variables = jax.device_get(result.state.variables)
   image, key = _image(), jax.random.key(4)
-  zf, pred = jax.jit(method.reconstruct)(variables, image, key)
+  zf, pred = jax.jit(method.reconstruct)(variables, {"image": image}, key)
   np.testing.assert_allclose(zf, method.undersample(key, image)[0], atol=1e-6)
   assert pred.shape == image.shape and pred.dtype == jnp.float32
   forward = jax.jit(lambda v, x: method.model.apply(v, x, train=False))
@@ -113,7 +108,7 @@ def test_zero_filled_channels_layout():
 
 def test_config_and_sweep():
   spec = importlib.util.spec_from_file_location("recon_config",
-                                                os.path.join(REPO, "configs/reconstruction.py"))
+                                                os.path.join(REPO, "jaxmed/configs/reconstruction.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config("")

@@ -1,36 +1,35 @@
 """Every config file names a registered method that builds, and every pretext method shows its
 (input, target) pair through `pretext_example`."""
 
-import os
-import runpy
-
 import jax
 import numpy as np
 import pytest
 
+from helpers import config_for
+
+from jaxmed.config import load_config
 from jaxmed.data import datasets, synthetic
 from jaxmed.methods import METHODS, get_method
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-EXPECTED = {"context_prediction.py": "context_prediction", "finetune.py": "segmentation",
-            "reconstruction.py": "reconstruction", "restoration.py": "restoration",
-            "si.py": "si"}
+EXPECTED = {"context_prediction": "context_prediction", "finetune": "segmentation",
+            "reconstruction": "reconstruction", "restoration": "restoration", "si": "si"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_config_builds_its_method(name):
-  config = runpy.run_path(os.path.join(CONFIGS, name))["get_config"]("size=small")
+  config = load_config(f"{name}:size=small")
   assert config.method == EXPECTED[name]
   method = get_method(config)
   assert isinstance(method, METHODS[EXPECTED[name]])
 
 
 def test_every_config_file_is_covered():
-  assert sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")) == sorted(EXPECTED)
+  from jaxmed.config import shipped_configs
+  assert shipped_configs() == sorted(EXPECTED)
 
 
 def test_unknown_method_is_named():
-  config = runpy.run_path(os.path.join(CONFIGS, "si.py"))["get_config"]("")
+  config = load_config("si")
   config.method = "simclr"
   with pytest.raises(ValueError, match="simclr"):
     get_method(config)
@@ -42,18 +41,15 @@ def slices():
   return datasets.slice_view(subjects, min_foreground=0.2)
 
 
-@pytest.mark.parametrize("overrides, inputs_channels, target_is_image", [
-    ({"method": "restoration", "pretext.corruption": "inpaint"}, 4, True),
-    ({"method": "restoration", "pretext.corruption": "intensity"}, 4, True),
-    ({"method": "si", "pretext.strategy": "cross"}, 8, True),
-    ({"method": "si", "pretext.strategy": "denoise"}, 8, True),
-    ({"method": "context_prediction", "data.modalities": ("t2",), "model.num_groups": 10},
-     1, False),
+@pytest.mark.parametrize("method, overrides, inputs_channels, target_is_image", [
+    ("restoration", {"pretext.corruption": "inpaint", "pretext.grid": 4}, 4, True),
+    ("restoration", {"pretext.corruption": "intensity", "pretext.grid": 4}, 4, True),
+    ("si", {"pretext.strategy": "cross"}, 8, True),
+    ("si", {"pretext.strategy": "denoise"}, 8, True),
+    ("context_prediction", {"data.modalities": ("t2",), "model.num_groups": 10}, 1, False),
 ])
-def test_pretext_example_pairs(slices, overrides, inputs_channels, target_is_image):
-  from jaxmed.cli import apply_overrides
-  from jaxmed.train.defaults import base_config
-  config = apply_overrides(base_config(), {**overrides, "pretext.grid": 4})
+def test_pretext_example_pairs(slices, method, overrides, inputs_channels, target_is_image):
+  config = config_for(method, overrides)
   method = get_method(config)
   channels = len(config.data.modalities)
   index = [0, 1, 2, 3]
@@ -77,3 +73,11 @@ def test_pretext_example_pairs(slices, overrides, inputs_channels, target_is_ima
   # Deterministic per key.
   again, _ = jax.jit(method.pretext_example)(jax.random.PRNGKey(0), batch)
   np.testing.assert_array_equal(inputs, again)
+
+
+def test_model_name_and_arguments_are_checked_by_the_registry():
+  with pytest.raises(ValueError, match=r"unknown model 'unett'; known models: .*'unet'"):
+    get_method(config_for("restoration", {"model.name": "unett"}))
+  config = config_for("context_prediction", {"model.name": "unet"})  # SSFD fields on a UNet
+  with pytest.raises(ValueError, match="chans"):
+    get_method(config)

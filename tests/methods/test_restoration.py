@@ -6,20 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmed.cli import load_sweep
+from helpers import REPO, config_for
+
+from jaxmed.config import load_sweep
 from jaxmed.methods import METHODS, RestorationMethod, get_method
 from jaxmed.methods.restoration import CORRUPTIONS
 from jaxmed.pretext import grid_inpaint
-from jaxmed.train.defaults import base_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(**pretext):
-  c = base_config()
-  c.model.features = (4, 8)
-  c.pretext.update(pretext)
-  return c
+  return config_for("restoration", {"model.features": (4, 8),
+                                    **{f"pretext.{k}": v for k, v in pretext.items()}})
 
 
 IMAGE = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 4)).astype(np.float32))
@@ -41,9 +38,8 @@ def test_loss_is_finite_differentiable_and_eq4_under_jit(corruption, variables):
   has_cells = CORRUPTIONS[corruption][1] is not None
   config = _config(corruption=corruption, grid=4, keep_prob=0.5,
                    loss_region="masked" if has_cells else "all")
-  config.method = "restoration"
   method = get_method(config)
-  assert isinstance(method, RestorationMethod) and base_config().method == "restoration"
+  assert isinstance(method, RestorationMethod)
   batch = {"image": IMAGE}
   key = jax.random.PRNGKey(2)
   corrupt_key, _ = jax.random.split(key)
@@ -51,7 +47,7 @@ def test_loss_is_finite_differentiable_and_eq4_under_jit(corruption, variables):
   def loss_fn(params):
     loss, metrics, _ = method.loss({**variables, "params": params}, batch, key, train=True)
     return loss, (metrics, method.corrupt(corrupt_key, IMAGE),
-                  method.reconstruct({**variables, "params": params}, IMAGE, corrupt_key))
+                  method.reconstruct({**variables, "params": params}, batch, corrupt_key))
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (loss, (metrics, (corrupted, mask), (shown, pred))), grads = grad_fn(variables["params"])
@@ -90,7 +86,7 @@ def test_bad_config_is_an_error_at_construction():
 
 
 def test_config_file_and_sweeps():
-  path = os.path.join(REPO, "configs", "restoration.py")
+  path = os.path.join(REPO, "jaxmed", "configs", "restoration.py")
   module = runpy.run_path(path)
   c = module["get_config"]("corruption=local_shuffle,size=small")
   assert (c.method, c.pretext.corruption, c.total_steps) == ("restoration", "local_shuffle", 200)

@@ -8,17 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmed.cli import apply_overrides
+from helpers import config_for, tiny_config as make_tiny_config
+
+from jaxmed.config import apply_overrides
 from jaxmed.methods.si import SourceIdentificationMethod
 from jaxmed.train import trainer
-from jaxmed.train.defaults import base_config
 from jaxmed.train.logging import read_metrics
 
 TINY = {"model.features": (4, 8), "data.modalities": ("t1", "flair")}
 
 
 def _method(**overrides):
-  return SourceIdentificationMethod(apply_overrides(base_config(), {**TINY, **overrides}))
+  return SourceIdentificationMethod(config_for("si", {**TINY, **overrides}))
 
 
 def _batch(b=4, n=5, seed=0, masks=False):
@@ -160,7 +161,8 @@ def test_errors():
 
 
 def test_tiny_cross_patient_training_run(tiny_config, tmp_path):
-  config = apply_overrides(tiny_config, {"method": "si", "pretext.strategy": "cross"})
+  del tiny_config
+  config = make_tiny_config("si", pretext__strategy="cross")
   method = SourceIdentificationMethod(config)
   seen = []
 

@@ -7,11 +7,9 @@ import subprocess
 import sys
 import time
 
-from jaxmed.train.logging import read_metrics
+from helpers import REPO, tiny_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from conftest import tiny_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxmed.train.logging import read_metrics
 
 
 def _free_port():
@@ -24,7 +22,7 @@ def _start_two_processes(workdir, total_steps):
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/restoration.py",
+      [sys.executable, "-m", "jaxmed.cli", "train", "--config", "restoration",
        "--workdir", str(workdir), "--noprogress", "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
        *tiny_flags(), "--config.checkpoint.every=10", "--config.tensorboard=False",

@@ -14,13 +14,12 @@ import pytest
 
 from jaxmed import methods as methods_lib
 from jaxmed.methods import RestorationMethod, get_method
-from jaxmed.train import checkpoint, sharding, trainer
+from jaxmed.train import checkpoint, optim, sharding, trainer
 from jaxmed.train.logging import read_metrics
 from jaxmed.train.state import TrainState
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from conftest import tiny_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+from helpers import (REPO, final_record, run_steps, tiny_config as make_tiny_config, tiny_flags,
+                     wait_for)
 
 
 def _one_step(config, arrays, mesh, accum=1):
@@ -32,10 +31,10 @@ def _one_step(config, arrays, mesh, accum=1):
 
 
 @pytest.mark.parametrize("method", ["restoration", "segmentation"])
-def test_same_loss_on_1_and_4_devices(tiny_config, tiny_arrays, method):
+def test_same_loss_on_1_and_4_devices(tiny_arrays, method):
   assert jax.device_count() == 4
-  tiny_config.method = method
-  tiny_config.model.norm = "batch"  # the one norm whose statistics cross the batch
+  # Batch norm: the one norm whose statistics cross the batch.
+  tiny_config = make_tiny_config(method, model__norm="batch")
   p1, m1 = _one_step(tiny_config, tiny_arrays, sharding.make_mesh({"num_devices": 1}))
   p4, m4 = _one_step(tiny_config, tiny_arrays, sharding.make_mesh({"data": 4}))
   p22, m22 = _one_step(tiny_config, tiny_arrays, sharding.make_mesh({"data": 2, "fsdp": 2}))
@@ -67,7 +66,7 @@ class _Autoencoder(RestorationMethod):
 
   name = "autoencoder"
 
-  def loss(self, variables, batch, key, *, train):
+  def loss(self, variables, batch, key, *, train, step=0):
     pred, model_state = self.apply(variables, batch["image"], key, train=train)
     return jnp.mean(jnp.square(pred - batch["image"])), {}, model_state
 
@@ -119,7 +118,9 @@ def test_run_aborts_after_consecutive_nonfinite_steps(tiny_config, tiny_arrays, 
 def test_checkpointer_refuses_nonfinite_state(tmp_path):
   import optax
   state = TrainState.create(variables={"params": {"w": jnp.array([1.0, jnp.nan])}},
-                            tx=optax.sgd(0.1), rng=jax.random.PRNGKey(0))
+                            optimizer=optim.GroupedOptimizer((optim.ParamGroup(
+                                "default", ".*", optax.sgd(0.1), optax.constant_schedule(0.1)),)),
+                            rng=jax.random.PRNGKey(0))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   with pytest.raises(checkpoint.NonFiniteCheckpointError, match="step 3"):
     ckpt.save(3, state)
@@ -128,31 +129,9 @@ def test_checkpointer_refuses_nonfinite_state(tmp_path):
 
 
 def _train_cmd(workdir, *flags):
-  return [sys.executable, "-m", "jaxmed.cli", "train", "--config", "configs/restoration.py",
+  return [sys.executable, "-m", "jaxmed.cli", "train", "--config", "restoration",
           "--workdir", str(workdir), "--noprogress", *tiny_flags(), "--config.tensorboard=False",
           *flags]
-
-
-def _final_record(workdir):
-  record = read_metrics(str(workdir))[-1]
-  return {k: v for k, v in record.items() if not k.endswith("_per_sec")}
-
-
-def _wait_for(predicate, proc, timeout=240):
-  t0 = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      out = proc.stdout.read().decode() if proc.stdout else ""
-      raise AssertionError(f"training exited early with {proc.returncode}:\n{out[-3000:]}")
-    if time.time() - t0 > timeout:
-      proc.kill()
-      raise AssertionError("timed out")
-    time.sleep(0.02)
-
-
-def _steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if os.path.isdir(d) else []
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
@@ -163,7 +142,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
 
   proc = subprocess.Popen(_train_cmd(killed, *flags), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
-  _wait_for(lambda: any(s >= 40 for s in _steps(killed)), proc)
+  wait_for(lambda: any(s >= 40 for s in run_steps(killed)), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = read_metrics(str(killed))[-1]["step"]
@@ -172,7 +151,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
 
   steps = [r["step"] for r in read_metrics(str(killed))]
   assert steps == sorted(set(steps)) and steps[-1] == 400  # no duplicated records after resume
-  assert _final_record(killed) == _final_record(straight)
+  assert final_record(killed) == final_record(straight)
 
 
 def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
@@ -180,11 +159,11 @@ def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
   proc = subprocess.Popen(_train_cmd(workdir, "--config.total_steps=100000",
                                      "--config.checkpoint.every=0"),
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  _wait_for(lambda: os.path.exists(workdir / "metrics.jsonl")
+  wait_for(lambda: os.path.exists(workdir / "metrics.jsonl")
             and read_metrics(str(workdir))[-1]["step"] >= 10, proc)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0
-  steps = _steps(workdir)
+  steps = run_steps(workdir)
   assert len(steps) == 1 and 10 <= steps[0] < 100000
   variables = checkpoint.load_variables(str(workdir))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
@@ -211,3 +190,16 @@ def test_tensorboard_events_are_written(tiny_config, tiny_arrays, tmp_path):
   trainer.train(tiny_config, str(tmp_path), train_arrays=tiny_arrays, progress=False)
   events = os.listdir(tmp_path / "tensorboard")
   assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_resume_falls_back_past_a_truncated_latest_checkpoint(tiny_config, tiny_arrays, tmp_path):
+  tiny_config.checkpoint.async_save = False
+  trainer.train(tiny_config, str(tmp_path), train_arrays=tiny_arrays, progress=False)
+  metadata = tmp_path / "checkpoints" / "12" / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:20])  # e.g. a disk that filled up
+  tiny_config.total_steps = 16
+  result = trainer.train(tiny_config, str(tmp_path), train_arrays=tiny_arrays, progress=False)
+  assert int(result.state.step) == 16
+  steps = [r["step"] for r in read_metrics(str(tmp_path))]
+  assert steps == [5, 10, 15, 16]  # resumed from step 8: the records after it were rewritten
+  assert any(p.startswith("12.corrupt") for p in os.listdir(tmp_path / "checkpoints"))

@@ -1,0 +1,82 @@
+"""Test helpers shared by every test module (import as ``helpers``; conftest puts tests/ on the
+path): configs of any method, CLI flags of the tiny overrides, numpy-filled variables."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxmed.config import apply_overrides, method_config
+from jaxmed.train.logging import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Overrides that make any UNet config tiny (also usable as `--config.<k>=<v>` flags).
+TINY_OVERRIDES = {
+    "model.features": (4, 8),
+    "data.num_subjects": 6,
+    "data.shape": (16, 16, 16),
+    "data.num_val": 1,
+    "data.num_test": 1,
+    "batch_size": 8,
+    "log_every": 5,
+}
+
+
+def config_for(method: str, overrides: dict | None = None, **kwargs):
+  """``method``'s config (base + its sections, locked) with dotted-path overrides."""
+  return apply_overrides(method_config(method), {**(overrides or {}), **kwargs})
+
+
+def tiny_config(method: str = "restoration", **overrides):
+  """A tiny config of ``method``: TINY_OVERRIDES, 12 steps, checkpoints every 4, plus
+  ``overrides`` (dotted paths given with ``__`` for ``.``)."""
+  extra = {k.replace("__", "."): v for k, v in overrides.items()}
+  return config_for(method, {**TINY_OVERRIDES, "total_steps": 12, "checkpoint.every": 4,
+                             "tensorboard": False, **extra})
+
+
+def tiny_flags(**extra):
+  """TINY_OVERRIDES (+ extra) as jaxmed CLI flags."""
+  out = []
+  for k, v in {**TINY_OVERRIDES, **extra}.items():
+    v = ",".join(map(str, v)) if isinstance(v, tuple) else v
+    out.append(f"--config.{k}={v}")
+  return out
+
+
+def numpy_filled(variables, seed: int = 0, scale: float = 0.1):
+  """``variables`` with every leaf replaced by seeded normal numbers (no initialiser draws):
+  fast, deterministic stand-in weights of the right shapes."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (scale * rng.standard_normal(np.shape(x))).astype(np.asarray(x).dtype)
+      if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), variables)
+
+
+def final_record(workdir):
+  """The last ``metrics.jsonl`` record without its timings."""
+  record = read_metrics(str(workdir))[-1]
+  return {k: v for k, v in record.items() if not k.endswith("_per_sec")}
+
+
+def wait_for(predicate, proc, timeout=240):
+  """Polls ``predicate`` while the subprocess ``proc`` runs; fails if it exits first."""
+  t0 = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      out = proc.stdout.read().decode() if proc.stdout else ""
+      raise AssertionError(f"training exited early with {proc.returncode}:\n{out[-3000:]}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.02)
+
+
+def run_steps(workdir):
+  """The checkpointed steps of a run's workdir."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if os.path.isdir(d) else []
