@@ -10,7 +10,9 @@ loss weights ...), locked, so a misspelt field anywhere is an error:
 
 `load_config` takes a config file's path, or the bare name of a config shipped with the package
 (``jaxmed/configs/<name>.py``), optionally followed by ``:arg`` for its ``get_config(arg)``.
-The CLI (`jaxmed.cli`) only parses flags; everything else lives here.
+The open-ended sections (``evals``, ``param_groups``) take new entries explicitly, e.g.
+``with config.unlocked(): config.evals.val = dict(type="segmentation", every=500)``. The CLI
+(`jaxmed.cli`) only parses flags; everything else lives here.
 """
 
 from __future__ import annotations
