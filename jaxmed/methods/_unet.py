@@ -13,8 +13,13 @@ def spatial_dims(config) -> int:
   return 3 if config.data.get("view", "slice") in ("volume", "crop") else 2
 
 
-class UNetFeatures:
-  """`features` for the UNet methods (linear probes, `jaxmed.evaluate.evaluators`)."""
+class UNetMethod:
+  """Mixin of the dense UNet methods (before `Method` in the bases): the model's arguments from
+  the data (one output channel per modality, 2D or 3D with ``data.view``) and `features`."""
+
+  def model_arguments(self):
+    return {"out_channels": len(self.config.data.modalities),
+            "spatial_dims": spatial_dims(self.config)}
 
   def features(self, variables, image):
     """``(N, F)`` global features of ``image`` ``(N, *spatial, C)``: the spatial mean of the

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxmed.data import mri
 from jaxmed.losses import l1_loss
-from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
+from jaxmed.methods._unet import UNET_MODEL, UNetMethod
 from jaxmed.methods.base import Method
 from jaxmed.metrics import psnr
 
@@ -46,7 +46,7 @@ def _data_range(target):
   return jnp.where(span > 0, span, 1.0)
 
 
-class ReconstructionMethod(UNetFeatures, Method):
+class ReconstructionMethod(UNetMethod, Method):
   """Config: ``model`` (UNet fields), ``mri.mask`` ("random" / "equispaced"),
   ``mri.accelerations`` and ``mri.center_fractions`` (paired by index, one pair drawn per
   example), ``data.modalities`` (the channels reconstructed).
@@ -73,10 +73,6 @@ class ReconstructionMethod(UNetFeatures, Method):
     # phase-encode (W) axis; each example draws one acceleration and its centre fraction.
     return {"model": UNET_MODEL,
             "mri": dict(mask="random", accelerations=(4,), center_fractions=(0.08,))}
-
-  def model_arguments(self):
-    return {"out_channels": len(self.config.data.modalities),
-            "spatial_dims": spatial_dims(self.config)}
 
   def model_inputs(self, batch):
     return batch["image"]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.losses import l1_l2_loss, l1_loss
-from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
+from jaxmed.methods._unet import UNET_MODEL, UNetMethod
 from jaxmed.methods.base import Method
 from jaxmed.pretext.inpaint import grid_inpaint
 from jaxmed.pretext.intensity import bezier_intensity
@@ -56,7 +56,7 @@ CORRUPTIONS = {
 LOSS_REGIONS = ("all", "masked")
 
 
-class RestorationMethod(UNetFeatures, Method):
+class RestorationMethod(UNetMethod, Method):
   """Config: ``model`` (UNet fields), ``pretext.corruption`` (one of `CORRUPTIONS`),
   ``pretext.grid`` (cell size), ``pretext.keep_prob`` (inpaint), ``pretext.shuffle_prob``
   (local_shuffle), ``pretext.invert_prob`` (intensity), ``pretext.loss_region`` ("all": the
@@ -89,10 +89,6 @@ class RestorationMethod(UNetFeatures, Method):
     return {"model": UNET_MODEL,
             "pretext": dict(corruption="inpaint", grid=8, keep_prob=0.75, loss_region="all",
                             shuffle_prob=0.5, invert_prob=0.0)}
-
-  def model_arguments(self):
-    return {"out_channels": len(self.config.data.modalities),
-            "spatial_dims": spatial_dims(self.config)}
 
   def corrupt(self, key, image):
     """``(corrupted, mask)`` for an image batch ``(N, H, W, C)``: the corrupted images and the

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxmed.data.subject import label_regions, region_names
 from jaxmed.losses import sigmoid_dice_ce_loss
-from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
+from jaxmed.methods._unet import UNET_MODEL, UNetMethod, spatial_dims
 from jaxmed.methods.base import Method
 from jaxmed.metrics import dice
 
@@ -56,7 +56,7 @@ FINETUNE = dict(
     mixup_alpha=0.0)
 
 
-class SegmentationMethod(UNetFeatures, Method):
+class SegmentationMethod(UNetMethod, Method):
   """Config: ``model`` (UNet fields), ``data.pathology`` ("tumour" or "wmh"),
   ``finetune.mixup_alpha`` (> 0 enables mixup in training)."""
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxmed.losses import l1_loss, l2_loss
 from jaxmed.methods.base import Method
-from jaxmed.methods._unet import UNET_MODEL, UNetFeatures, spatial_dims
+from jaxmed.methods._unet import UNET_MODEL, UNetMethod
 from jaxmed.pretext.mixing import PartnerSampler, mix_sources, noise_partners
 
 STRATEGIES = ("cross", "within", "denoise")
@@ -29,7 +29,7 @@ def _int_field(cfg, name: str) -> int:
   return int(value)
 
 
-class SourceIdentificationMethod(UNetFeatures, Method):
+class SourceIdentificationMethod(UNetMethod, Method):
   """Config: ``model`` (UNet fields), ``pretext.strategy`` ("cross" = CSI, "within" = WSI,
   "denoise" = DSI), ``pretext.num_sources`` (N), ``pretext.num_components`` (N~),
   ``pretext.num_mixtures`` (M~), ``pretext.min_overlap``, ``data.modalities`` (T channels).
@@ -71,10 +71,6 @@ class SourceIdentificationMethod(UNetFeatures, Method):
     return {"model": UNET_MODEL,
             "pretext": dict(strategy="cross", num_sources=5, num_components=3, num_mixtures=2,
                             min_overlap=0.0)}
-
-  def model_arguments(self):
-    return {"out_channels": len(self.config.data.modalities),
-            "spatial_dims": spatial_dims(self.config)}
 
   def model_inputs(self, batch):
     return jnp.tile(batch["image"], (1, 1, 1, self.num_mixtures))
