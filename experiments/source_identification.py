@@ -201,7 +201,7 @@ def run_dataset(args, pathology, rows, work, log):
 
 
 def mean_dice(test: dict) -> float:
-  """Mean test Dice over the regions (``All`` excluded) of `finetune_lib.evaluate_subjects`."""
+  """Mean test Dice over the regions (``All`` excluded) of `evaluators.evaluate_subjects`."""
   return float(np.nanmean([v for k, v in test["mean"].items() if k != "All"]))
 
 

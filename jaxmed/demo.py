@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxmed.config import load_config
 from jaxmed.data import datasets, synthetic
+from jaxmed.evaluate import evaluators
 from jaxmed.evaluate import finetune as finetune_lib
 from jaxmed.train import trainer
 
@@ -86,7 +87,7 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> dic
     _log(f"[3/4] fine-tune ({name}) on {len(res.labeled_subjects)} labelled subjects: "
          f"{_fmt(res.test['mean'])} ({time.perf_counter() - t:.0f}s)")
 
-  table = finetune_lib.dice_table({_RUN_NAMES[k]: v.test for k, v in results.items()})
+  table = evaluators.dice_table({_RUN_NAMES[k]: v.test for k, v in results.items()})
   print("\nTest Dice (3D, mean over held-out subjects):\n" + table, flush=True)
   _save_segmentation_figure(results, splits["test"], os.path.join(workdir, "segmentation.png"))
   elapsed = time.perf_counter() - t0
@@ -147,7 +148,7 @@ def _save_segmentation_figure(results, subjects, path, num_subjects=3):
       if res is None:
         regions = s.regions[z]
       else:
-        regions = finetune_lib.predict_volume(res.method, res.state.variables, s.image[z:z + 1],
+        regions = evaluators.predict_volume(res.method, res.state.variables, s.image[z:z + 1],
                                               batch_size=1)[0]
       ax = axes[r, c]
       ax.imshow(s.image[z, ..., 1], cmap="gray", vmin=0, vmax=1.2)

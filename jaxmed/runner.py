@@ -30,7 +30,7 @@ def run_config(config, workdir: str, *, progress: bool = True):
     f.write(config.to_json_best_effort(indent=1))
   if config.method == "segmentation":
     result = finetune.finetune(config, workdir, progress=progress)
-    print(finetune.dice_table({os.path.basename(os.path.normpath(workdir)): result.test}))
+    print(evaluators_lib.dice_table({os.path.basename(os.path.normpath(workdir)): result.test}))
     return result
   method = methods.get_method(config)
   splits = datasets.load_splits(config.data)

@@ -18,9 +18,8 @@ import jax
 import numpy as np
 
 from jaxmed.data import datasets
-# The evaluation helpers live in `evaluators`; imported here so `finetune.<name>` keeps working.
-from jaxmed.evaluate.evaluators import (_nanmean, dice_table, evaluate_subjects,  # noqa: F401
-                                        predict_volume, region_columns)
+from jaxmed.evaluate import evaluators
+from jaxmed.evaluate.evaluators import evaluate_subjects
 from jaxmed.methods.segmentation import SegmentationMethod
 from jaxmed.train import init as init_lib
 from jaxmed.train import trainer
@@ -101,13 +100,16 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
   early = EarlyStopping(patience, int(ft.get("min_steps", 0)))
   hooks = []
   if splits["val"]:
+    # The "segmentation" evaluator on the validation subjects (Dice and HD95 per region);
+    # early stopping follows its mean Dice over the regions.
+    val = evaluators.make_evaluators(
+        {"val": dict(type="segmentation", every=int(config.eval_every), split="val",
+                     batch_size=int(ft.eval_batch_size))}, method=method, splits=splits)[0]
+
     def val_hook(step, state):
-      result = evaluate_subjects(method, state.variables, splits["val"],
-                                 batch_size=int(ft.eval_batch_size))
-      per_region = [result["mean"][r] for r in method.regions]
-      early.update(step, float(_nanmean(np.asarray(per_region))), state.variables)
-      return {**{f"val/dice_{k}": v for k, v in result["mean"].items()},
-              "val/best_step": early.best_step}
+      metrics = val(step, state.variables)
+      early.update(step, metrics["val/dice_mean"], state.variables)
+      return {**metrics, "val/best_step": early.best_step}
     hooks.append(val_hook)
   result = trainer.train(config, workdir, method=method, subjects=labeled,
                          init_variables=init, hooks=hooks,

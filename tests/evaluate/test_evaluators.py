@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from helpers import numpy_filled, tiny_config
 from jaxmed.data import datasets, synthetic
 from jaxmed.data.subject import Subject, label_regions, region_names
-from jaxmed.evaluate import evaluators, finetune
+from jaxmed.evaluate import evaluators
 from jaxmed.evaluate.evaluators import make_evaluators
 from jaxmed.methods.segmentation import SegmentationMethod
 
@@ -142,7 +142,7 @@ def test_segmentation_2d_and_3d_agree_for_a_per_voxel_predictor():
                                np.mean([results["2d"][f"s/{metric}_{r}"] for r in
                                         ("WT", "TC", "ET")]), rtol=1e-6)
   # The same numbers as evaluate_subjects on the same predictions.
-  direct = finetune.evaluate_subjects(LabelReader(), None, subjects)
+  direct = evaluators.evaluate_subjects(LabelReader(), None, subjects)
   for name, value in direct["mean"].items():
     np.testing.assert_allclose(results["2d"][f"s/dice_{name}"], value)
 
@@ -158,7 +158,7 @@ def test_segmentation_with_a_real_segmentation_method_matches_evaluate_subjects(
   [ev] = make_evaluators(_evals(val={"type": "segmentation", "batch_size": 8}), method=method,
                          splits=_splits(subjects))
   out = ev(0, variables)
-  expected = finetune.evaluate_subjects(method, variables, subjects, batch_size=8)["mean"]
+  expected = evaluators.evaluate_subjects(method, variables, subjects, batch_size=8)["mean"]
   assert any(np.isfinite(v) and v > 0 for v in expected.values())
   for name, value in expected.items():
     np.testing.assert_array_equal(out[f"val/dice_{name}"], value)

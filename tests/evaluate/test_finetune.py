@@ -1,5 +1,4 @@
 import json
-import os
 
 import jax
 import numpy as np
@@ -64,6 +63,6 @@ def test_evaluate_subjects_perfect_prediction(monkeypatch):
   # A model that predicts the truth: patch predict_volume through the method's predict.
   truth = {id(s.image): s.regions for s in subjects}
   monkeypatch.setattr(evaluators, "predict_volume", lambda m, v, image, **kw: truth[id(image)])
-  result = finetune.evaluate_subjects(method, None, subjects)
+  result = evaluators.evaluate_subjects(method, None, subjects)
   finite = result["dice"][np.isfinite(result["dice"])]
   assert finite.size and np.all(finite == 1.0)

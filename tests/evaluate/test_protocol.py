@@ -88,12 +88,12 @@ def test_all_region_is_dice_of_the_concatenated_regions(monkeypatch):
   rng = np.random.default_rng(0)
   pred = rng.random(subject.regions.shape) > 0.5
   monkeypatch.setattr(evaluators, "predict_volume", lambda m, v, image, **kw: pred)
-  result = finetune.evaluate_subjects(method, None, [subject])
+  result = evaluators.evaluate_subjects(method, None, [subject])
   assert result["regions"] == ("WT", "TC", "ET", "All")
   truth = subject.regions
   expected = 2 * np.sum(pred & truth) / (pred.sum() + truth.sum())
   np.testing.assert_allclose(result["dice"][0, 3], expected, rtol=1e-5)
-  assert finetune.region_columns(("WMH",)) == ("WMH",)
+  assert evaluators.region_columns(("WMH",)) == ("WMH",)
 
 
 def test_repeated_splits_differ_and_never_overlap(tiny_config):
@@ -131,7 +131,7 @@ def test_significance_table_markers_match_scipy():
 def test_dice_table_mean_excludes_the_all_column():
   result = {"mean": {"WT": 0.9, "TC": 0.5, "ET": 0.1, "All": 0.8},
             "dice": np.array([[0.8, 0.4, 0.0, 0.7], [1.0, 0.6, 0.2, 0.9]])}
-  table = finetune.dice_table({"run": result})
+  table = evaluators.dice_table({"run": result})
   assert table.splitlines()[0] == "| run | WT | TC | ET | All | mean |"
   assert table.splitlines()[2] == ("| run | 0.900 (0.100) | 0.500 (0.100) | 0.100 (0.100) | "
                                    "0.800 (0.100) | 0.500 |")
