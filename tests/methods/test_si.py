@@ -10,7 +10,6 @@ import pytest
 
 from helpers import config_for, tiny_config as make_tiny_config
 
-from jaxmed.config import apply_overrides
 from jaxmed.methods.si import SourceIdentificationMethod
 from jaxmed.train import trainer
 from jaxmed.train.logging import read_metrics
