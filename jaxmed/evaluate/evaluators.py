@@ -402,7 +402,7 @@ class ReconstructionEvaluator(Evaluator):
     # Fails now, not at the first evaluation, for a method without a pretext task.
     try:
       jax.eval_shape(self.method.pretext_example, self.key, self._batch(0))
-    except (TypeError, NotImplementedError) as e:
+    except TypeError as e:  # the base Method has no pretext task
       raise self.error(f"needs method.pretext_example to work on slice batches; "
                        f"{type(self.method).__name__}: {e}") from e
 
