@@ -49,12 +49,17 @@ def tiny_flags(**extra):
 
 
 def numpy_filled(variables, seed: int = 0, scale: float = 0.1):
-  """``variables`` with every leaf replaced by seeded normal numbers (no initialiser draws):
-  fast, deterministic stand-in weights of the right shapes."""
+  """``variables`` (arrays, or the shapes ``jax.eval_shape(model.init, ...)`` gives) with every
+  float leaf replaced by seeded ``scale * N(0, 1)`` numbers (no initialiser is compiled): fast,
+  deterministic stand-in weights of the right shapes and dtypes."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda x: (scale * rng.standard_normal(np.shape(x))).astype(np.asarray(x).dtype)
-      if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), variables)
+
+  def fill(x):
+    shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
+    if not np.issubdtype(dtype, np.floating):
+      return np.asarray(x) if hasattr(x, "__array__") else np.zeros(shape, dtype)
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+  return jax.tree.map(fill, variables)
 
 
 def final_record(workdir):

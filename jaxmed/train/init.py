@@ -333,7 +333,7 @@ def _spec_dict(spec) -> dict:
 
 
 def _given(value) -> bool:
-  """Whether a spec field is set (None and "" mean unset, so configs can hold placeholders)."""
+  """Whether a spec field is set (None and "" mean unset, the values the base config holds)."""
   return value is not None and not (isinstance(value, str) and not value)
 
 

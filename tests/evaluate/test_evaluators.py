@@ -153,8 +153,7 @@ def test_segmentation_with_a_real_segmentation_method_matches_evaluate_subjects(
   # Stand-in weights of the right shapes (eval_shape: no slow eager initialisation).
   shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0),
                           {"image": jax.ShapeDtypeStruct((2, 16, 16, 4), np.float32)})
-  variables = numpy_filled(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
-                                   scale=0.3)
+  variables = numpy_filled(shapes, scale=0.3)
   [ev] = make_evaluators(_evals(val={"type": "segmentation", "batch_size": 8}), method=method,
                          splits=_splits(subjects))
   out = ev(0, variables)

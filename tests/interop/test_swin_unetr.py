@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import numpy_filled
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 from safetensors.torch import save_file
 
@@ -135,8 +136,7 @@ def test_dae_checkpoint_into_bare_encoder_strict(state, encoder_template, refere
 
 
 def test_dae_checkpoint_into_swin_unetr_non_strict(state, template, reference):
-  rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype), template)
+  variables = numpy_filled(template, seed=0, scale=1.0)
   converted = swin_unetr_from_torch(_dae_layout(state), variables, strict=False)
   got = converted.variables["params"]
   _assert_same(got["swinViT"], reference.variables["params"]["swinViT"])

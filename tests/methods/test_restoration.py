@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, config_for
+from helpers import REPO, config_for, numpy_filled
 
 from jaxmed.config import load_sweep
 from jaxmed.methods import METHODS, RestorationMethod, get_method
@@ -28,8 +28,7 @@ def variables():
   compiling the Flax initialisers would cost more than the tests below)."""
   shapes = jax.eval_shape(RestorationMethod(_config()).init, jax.random.PRNGKey(0),
                           {"image": IMAGE})
-  rng = np.random.default_rng(1)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+  return numpy_filled(shapes, seed=1, scale=0.3)
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))

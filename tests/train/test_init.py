@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import numpy_filled
 
 from jaxmed.train import checkpoint
 from jaxmed.train import init as init_lib
@@ -28,13 +29,6 @@ SPEC = {
     "batch_stats/encoder/norm/mean": (4,),
     "batch_stats/encoder/norm/var": (4,),
 }
-
-
-def _random_like(shapes, seed):
-  """Random numpy variables with the structure, shapes and dtypes of ``shapes`` (the output of
-  ``jax.eval_shape(model.init, ...)``): fresh-looking variables without compiling an init."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
 
 
 def _bits(x):
@@ -188,10 +182,10 @@ def test_replacing_a_unets_input_and_output_layers(norm):
   from jaxmed.models.unet import UNet  # pylint: disable=g-import-not-at-top
   pre_model = UNet(out_channels=4, features=(4, 8), norm=norm)
   new_model = UNet(out_channels=3, features=(4, 8), norm=norm)
-  pretrained = _random_like(jax.eval_shape(pre_model.init, jax.random.key(0),
-                                           jnp.zeros((1, 16, 16, 4))), 0)
-  fresh = _random_like(jax.eval_shape(new_model.init, jax.random.key(1),
-                                      jnp.zeros((1, 16, 16, 2))), 1)
+  pretrained = numpy_filled(jax.eval_shape(pre_model.init, jax.random.key(0),
+                                           jnp.zeros((1, 16, 16, 4))), 0, scale=1.0)
+  fresh = numpy_filled(jax.eval_shape(new_model.init, jax.random.key(1),
+                                      jnp.zeros((1, 16, 16, 2))), 1, scale=1.0)
   assert set(pretrained) == ({"params", "batch_stats"} if norm == "batch" else {"params"})
   patterns = {
       # Fine-tuning's default (the segmentation method's init.replace): every collection.
@@ -299,14 +293,15 @@ def test_load_pretrained_converts_a_torch_file(tmp_path):
   np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"],
                                 np.transpose(state_dict["conv1.weight"].numpy(), (2, 3, 1, 0)))
   # Into a model with another head: the converted weights everywhere but the head.
-  fresh = _random_like(jax.eval_shape(ResNet(num_classes=3, **kwargs).init, jax.random.key(1),
-                                      x), 1)
+  fresh = numpy_filled(jax.eval_shape(ResNet(num_classes=3, **kwargs).init, jax.random.key(1),
+                                      x), 1, scale=1.0)
   out, plan = init_lib.transfer(loaded, fresh, replace=["fc/.*"], return_plan=True)
   assert sorted(plan.fresh) == ["params/fc/bias", "params/fc/kernel"]
   _check_every_leaf(out, loaded, fresh, set(plan.fresh))
   same(init_lib.initializer({**spec, "replace": ["fc/.*"]}, template=template)(fresh), out)
   # A headless model: the converter drops the head, the transfer copies everything.
-  headless = _random_like(jax.eval_shape(ResNet(**kwargs).init, jax.random.key(1), x), 2)
+  headless = numpy_filled(jax.eval_shape(ResNet(**kwargs).init, jax.random.key(1), x), 2,
+                          scale=1.0)
   out = init_lib.initializer({**spec, "converter_kwargs": {"drop_fc": True}})(headless)
   _check_every_leaf(out, expected, headless, set())
   with pytest.raises(ValueError, match=r"unknown converter 'resnet50'; known: \['mae', "
