@@ -112,7 +112,7 @@ def train_config(args, name: str):
 
 
 def train(config, method, arrays, workdir):
-  result = trainer.train(config, workdir, method=method, train_arrays=arrays, progress=False)
+  result = trainer.train(config, workdir, method=method, train_data=arrays, progress=False)
   return jax.device_get(result.state.variables), result.last_metrics
 
 

@@ -3,6 +3,7 @@
     jaxmed train --config NAME|path.py[:arg] --workdir DIR [--config.field=value ...] [--distributed]
     jaxmed sweep --config NAME|path.py[:arg] --workdir DIR [--slurm] [--slurm_args="..."]
     jaxmed demo  [--workdir DIR] [--quick]
+    jaxmed prepare --dataset NAME --manual_dir DIR --data_dir DIR [--dataset_config YEAR]
 
 ``--config`` takes a config file or the name of one shipped with jaxmed (si, restoration,
 context_prediction, reconstruction, finetune, ...). ``train`` runs ``config.method``
@@ -11,6 +12,8 @@ context_prediction, reconstruction, finetune, ...). ``train`` runs ``config.meth
 ``get_sweep(arg)`` (a list of ``{"field": value}`` overrides) into runs ``DIR/NNN``, one after
 another, or writes a SLURM array script. ``demo`` is the main job: pre-train a UNet by grid
 in-painting on synthetic phantoms, fine-tune with few labels and from scratch, print Dice.
+``prepare`` builds a TFDS dataset (`jaxmed.data.tfds`: brats, wmh, btcv, feta, fastmri, bapps)
+from its downloaded official layout in ``--manual_dir`` into ``--data_dir``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ml_collections import config_flags
 
 from jaxmed import config as config_lib
 
-COMMANDS = ("train", "sweep", "demo")
+COMMANDS = ("train", "sweep", "demo", "prepare")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config: a file or a shipped config's name, [:arg]")
@@ -42,6 +45,11 @@ _SLURM_ARGS = flags.DEFINE_string("slurm_args", "--gres=gpu:1 --time=24:00:00",
                                   "sweep: extra #SBATCH options")
 _QUICK = flags.DEFINE_bool("quick", False, "demo: a smaller, faster run (for smoke tests)")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a console progress bar")
+_DATASET = flags.DEFINE_string("dataset", None, "prepare: TFDS dataset name")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "prepare: the downloaded official layout")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare: where to write the prepared dataset")
+_DATASET_CONFIG = flags.DEFINE_string("dataset_config", None,
+                                      "prepare: builder config (BraTS year, BAPPS 2afc / jnd)")
 
 USAGE = __doc__
 
@@ -90,6 +98,15 @@ def _main(argv):
   if command == "demo":
     from jaxmed import demo  # pylint: disable=g-import-not-at-top
     demo.run_demo(_WORKDIR.value or "jaxmed_demo", quick=_QUICK.value, progress=_PROGRESS.value)
+    return 0
+  if command == "prepare":
+    if not (_DATASET.value and _MANUAL_DIR.value and _DATA_DIR.value):
+      raise app.UsageError("jaxmed prepare needs --dataset, --manual_dir and --data_dir")
+    from jaxmed.data import tfds as jtfds  # pylint: disable=g-import-not-at-top
+    builder = jtfds.prepare(_DATASET.value, manual_dir=_MANUAL_DIR.value,
+                            data_dir=_DATA_DIR.value, config=_DATASET_CONFIG.value)
+    splits = {name: split.num_examples for name, split in builder.info.splits.items()}
+    print(f"prepared {_DATASET.value} in {builder.data_dir}: {splits}")
     return 0
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError(f"jaxmed {command} needs --config and --workdir")

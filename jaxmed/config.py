@@ -59,7 +59,18 @@ def base_config() -> ml_collections.ConfigDict:
       # crops are placed "random"ly (nnU-Net) or centred on "background" (MONAI); per_modality
       # makes every channel its own example, tagged with its modality id.
       view="slice", crop_size=(64, 64, 64), fg_fraction=0.0, negative="random",
-      per_modality=False))
+      per_modality=False,
+      # NIfTI / TFDS cases are preprocessed once into cache_dir (jaxmed.data.cache): resampled
+      # to `spacing` (mm, () keeps it), cropped to the foreground, normalised ("zscore",
+      # "window" for CT, "none"), cropped / padded to `crop`; unreadable cases raise or are
+      # skipped (on_error). Training reads them on demand with read_threads, prefetch batches.
+      spacing=(), crop_foreground=False, normalize="zscore", window=(-175.0, 250.0),
+      foreground_threshold=None, cache_dir="", on_error="raise", preprocess_workers=0,
+      read_threads=4, prefetch=4))
+  # A TFDS dataset (jaxmed.data.tfds: brats, wmh, btcv, feta, fastmri) prepared in data_dir,
+  # from the downloaded official layout in manual_dir on first use.
+  c.data.tfds = ml_collections.ConfigDict(dict(name="", config="", split="train", data_dir="",
+                                               manual_dir=""))
   c.data.augment = ml_collections.ConfigDict(dict(
       enabled=False, flip=True, rot90=False, rotation=15.0, scale=(0.85, 1.25), affine_p=0.2,
       elastic_alpha=0.0, elastic_sigma=3.0, elastic_p=0.2, gamma=(0.7, 1.5), gamma_p=0.3,

@@ -69,7 +69,7 @@ def run_demo(workdir: str, *, quick: bool = False, progress: bool = True) -> dic
   t = time.perf_counter()
   unlabeled = datasets.slice_view(splits["train"],
                                   min_foreground=float(pre_cfg.data.min_foreground))
-  pre = trainer.train(pre_cfg, os.path.join(workdir, "pretrain"), train_arrays=unlabeled,
+  pre = trainer.train(pre_cfg, os.path.join(workdir, "pretrain"), train_data=unlabeled,
                       progress=progress)
   _log(f"[2/4] in-painting pre-training: {pre_cfg.total_steps} steps on "
        f"{len(unlabeled['image'])} unlabeled slices, final loss {pre.last_metrics['loss']:.4f} "

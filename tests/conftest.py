@@ -12,6 +12,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# File-backed data caches (jaxmed.data.cache) of tests that set no data.cache_dir: never ~/.cache.
+if "JAXMED_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAXMED_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxmed-test-data-cache-")
+
 import sys
 
 import numpy as np

@@ -48,6 +48,18 @@ def tiny_flags(**extra):
   return out
 
 
+def nifti_phantoms(root, **data_overrides):
+  """Writes the TINY_OVERRIDES phantoms as a BraTS-style NIfTI folder ``root``; returns the CLI
+  flags that train on it file-backed (`jaxmed.data.cache`, cache under ``root/../cache``)."""
+  from jaxmed.data import nifti, synthetic  # pylint: disable=g-import-not-at-top
+  data = {"num_subjects": TINY_OVERRIDES["data.num_subjects"],
+          "shape": TINY_OVERRIDES["data.shape"], **data_overrides}
+  for subject in synthetic.make_subjects(data["num_subjects"], shape=data["shape"]):
+    nifti.write_case(subject, root)
+  return [f"--config.data.root={root}",
+          f"--config.data.cache_dir={os.path.join(os.path.dirname(str(root)), 'cache')}"]
+
+
 def numpy_filled(variables, seed: int = 0, scale: float = 0.1):
   """``variables`` (arrays, or the shapes ``jax.eval_shape(model.init, ...)`` gives) with every
   float leaf replaced by seeded ``scale * N(0, 1)`` numbers (no initialiser is compiled): fast,

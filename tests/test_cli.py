@@ -71,3 +71,18 @@ def test_sweep_runs_locally_and_writes_slurm_script(tmp_path):
   assert "--config.pretext.grid=64 --config.pretext.keep_prob=0.75" in script
   assert "jaxmed/configs/restoration.py:size=small" in script and "--config.total_steps=7" in script
   subprocess.run(["bash", "-n", str(tmp_path / "slurm" / "sweep.sbatch")], check=True)
+
+
+def test_prepare_builds_a_tfds_dataset(tmp_path):
+  from jaxmed.data import nifti, synthetic, tfds as jtfds  # pylint: disable=g-import-not-at-top
+  for subject in synthetic.make_subjects(2, shape=(16, 16, 16)):
+    nifti.write_case(subject, tmp_path / "BraTS2021_Training_Data")
+  proc = _run("prepare", "--dataset", "brats", "--dataset_config", "2021", "--manual_dir",
+              str(tmp_path), "--data_dir", str(tmp_path / "tfds"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "'train': 2" in proc.stdout
+  source = jtfds.data_source("brats", "train", data_dir=tmp_path / "tfds", config="2021")
+  assert [bytes(source[i]["subject_id"]).decode() for i in range(2)] == [
+      "phantom-0-0000", "phantom-0-0001"]
+  proc = _run("prepare", "--dataset", "brats", "--data_dir", str(tmp_path))
+  assert proc.returncode != 0 and "--manual_dir" in proc.stderr

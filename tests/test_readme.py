@@ -32,5 +32,5 @@ def test_readme_method_example_trains(monkeypatch, tmp_path):
       "log_every": 1, "checkpoint.every": 0, "tensorboard": False})
   assert config.method == "denoising" and config.optim.name == "adam"
   arrays = {"image": np.random.default_rng(0).normal(size=(8, 16, 16, 4)).astype(np.float32)}
-  result = trainer.train(config, str(tmp_path), train_arrays=arrays, progress=False)
+  result = trainer.train(config, str(tmp_path), train_data=arrays, progress=False)
   assert int(result.state.step) == 3 and np.isfinite(result.last_metrics["loss"])

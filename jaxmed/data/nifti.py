@@ -16,7 +16,7 @@ a float64 ``get_fdata()``), label maps as uint8.
 Labels: BraTS 2018-2021 use {0, 1, 2, 4} (1 necrotic / non-enhancing core, 2 edema,
 4 enhancing tumour); BraTS 2023 releases use 3 instead of 4 for the enhancing tumour. A tumour
 label map containing 3 (and no 4) is mapped 3 -> 4 so every `Subject` uses the 2018 values.
-WMH label maps must be binary {0, 1}.
+WMH label maps must be binary {0, 1}; multi-class maps ("organs", "tissues") hold 0..K.
 
 Unreadable files (truncated gzip, garbage bytes, bad header) raise ValueError naming the file,
 also when nibabel only fails once the (lazily loaded) data are read; missing files raise
@@ -37,12 +37,12 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from jaxmed.data.subject import Subject
+from jaxmed.data.subject import CLASS_NAMES, PATHOLOGIES, Subject
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
-PATHOLOGIES = ("tumour", "wmh", "none")
 # Allowed label values per pathology, after the BraTS 2023 3 -> 4 mapping.
-_ALLOWED_LABELS = {"tumour": (0, 1, 2, 4), "wmh": (0, 1)}
+_ALLOWED_LABELS = {"tumour": (0, 1, 2, 4), "wmh": (0, 1),
+                   **{p: tuple(range(len(names) + 1)) for p, names in CLASS_NAMES.items()}}
 _HGG = re.compile(r"(?<![a-z0-9])hgg(?![a-z0-9])", re.IGNORECASE)
 # Exceptions nibabel / gzip / zlib raise on unreadable or corrupt files.
 _READ_ERRORS = (
@@ -123,6 +123,25 @@ def load_volume(path: PathLike) -> tuple[np.ndarray, tuple[float, float, float]]
     ValueError: the file is unreadable / corrupt, or not 3D.
   """
   return _read_canonical(path)
+
+
+def read_channels(paths: Sequence[PathLike],
+                  case: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """Reads one 3D file per channel (`load_volume`) into ``(D, H, W, C)`` float32 + the first
+  file's spacing; files of different shapes or with NaN / inf values raise ValueError naming
+  them (and ``case``)."""
+  volumes, spacing = [], None
+  for path in paths:
+    volume, vol_spacing = _read_canonical(path)
+    if volumes and volume.shape != volumes[0].shape:
+      raise ValueError(
+          f"shape mismatch in case {case}: {_describe(paths[0])} has shape {volumes[0].shape} "
+          f"but {_describe(path)} has shape {volume.shape}")
+    if not np.all(np.isfinite(volume)):
+      raise ValueError(f"image {_describe(path)} contains NaN or inf values")
+    volumes.append(volume)
+    spacing = spacing or vol_spacing
+  return np.stack(volumes, axis=-1), spacing
 
 
 def _load_label(path: PathLike, pathology: str) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -285,8 +304,8 @@ def read_case(case_dir: PathLike,
     shape: optional ``(D, H, W)`` output size (None entries keep an axis): image, label and
       brain mask are cropped / zero-padded around the brain bounding-box centre.
     normalize: z-score each modality over the brain mask (background 0).
-    pathology: ``"tumour"`` (labels {0, 1, 2, 4}, 3 -> 4), ``"wmh"`` (labels {0, 1}) or
-      ``"none"`` (requires ``seg=None``).
+    pathology: ``"tumour"`` (labels {0, 1, 2, 4}, 3 -> 4), ``"wmh"`` (labels {0, 1}),
+      ``"organs"`` (0..13), ``"tissues"`` (0..7) or ``"none"`` (requires ``seg=None``).
 
   Returns:
     `Subject` with ``image (D, H, W, C)`` float32, ``label (D, H, W)`` uint8 or None,
@@ -336,19 +355,7 @@ def read_case(case_dir: PathLike,
   paths = [path_of(m) for m in modalities]
   seg_path = path_of(seg) if seg is not None else None
 
-  volumes, spacing = [], None
-  for path in paths:
-    volume, vol_spacing = _read_canonical(path)
-    if volumes and volume.shape != volumes[0].shape:
-      raise ValueError(
-          f"shape mismatch in case {case}: {_describe(paths[0])} has shape {volumes[0].shape} "
-          f"but {_describe(path)} has shape {volume.shape}")
-    if not np.all(np.isfinite(volume)):
-      raise ValueError(f"image {_describe(path)} contains NaN or inf values")
-    volumes.append(volume)
-    spacing = spacing or vol_spacing
-  image = np.stack(volumes, axis=-1)
-  del volumes
+  image, spacing = read_channels(paths, case)
 
   label = None
   if seg_path is not None:

@@ -16,6 +16,18 @@ BRATS_LABELS = {"necrotic_core": 1, "edema": 2, "enhancing": 4}
 # Evaluation regions of the BraTS challenge, in channel order of `brats_regions`.
 BRATS_REGIONS = ("WT", "TC", "ET")
 WMH_REGIONS = ("WMH",)
+# Multi-class label maps: label value k (1..K) is class CLASS_NAMES[pathology][k - 1].
+CLASS_NAMES = {
+    # BTCV / Synapse multi-organ CT (13 organs).
+    "organs": ("spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver",
+               "stomach", "aorta", "inferior_vena_cava", "portal_splenic_vein", "pancreas",
+               "right_adrenal", "left_adrenal"),
+    # FeTA fetal brain T2w (7 tissues).
+    "tissues": ("external_csf", "grey_matter", "white_matter", "ventricles", "cerebellum",
+                "deep_grey_matter", "brainstem"),
+}
+# Every pathology (what a label map means): "none" = no label.
+PATHOLOGIES = ("tumour", "wmh", *CLASS_NAMES, "none")
 
 
 @dataclasses.dataclass
@@ -30,7 +42,8 @@ class Subject:
     spacing: voxel size in mm along (D, H, W).
     brain_mask: ``(D, H, W)`` bool foreground (brain) mask.
     grade: binary label for classification tasks (1 = high grade); 0 when unknown.
-    pathology: ``"tumour"``, ``"wmh"`` or ``"none"``; selects the label -> region mapping.
+    pathology: one of `PATHOLOGIES` (``"tumour"``, ``"wmh"``, ``"organs"``, ``"tissues"``,
+      ``"none"``); selects the label -> region mapping.
   """
 
   subject_id: str
@@ -75,17 +88,26 @@ def brats_regions(label):
 
 
 def label_regions(label, pathology: str):
-  """Label map -> region channels for ``pathology`` ("tumour" -> WT/TC/ET, "wmh" -> WMH)."""
+  """Label map -> bool region channels for ``pathology``: "tumour" -> WT/TC/ET, "wmh" -> WMH,
+  "organs" / "tissues" -> one channel per class ``label == k``, k = 1..K (`CLASS_NAMES`)."""
   if pathology == "tumour":
     return brats_regions(label)
   if pathology == "wmh":
     return (label > 0)[..., None]
-  raise ValueError(f"pathology must be 'tumour' or 'wmh' to define regions; got {pathology!r}")
+  if pathology in CLASS_NAMES:
+    stack = np.stack if isinstance(label, np.ndarray) else _jnp().stack
+    return stack([label == k for k in range(1, len(CLASS_NAMES[pathology]) + 1)], axis=-1)
+  raise ValueError(f"pathology must be one of {PATHOLOGIES[:-1]} to define regions; got "
+                   f"{pathology!r}")
 
 
 def region_names(pathology: str) -> tuple[str, ...]:
   """Names of the channels returned by `label_regions`."""
-  return {"tumour": BRATS_REGIONS, "wmh": WMH_REGIONS}[pathology]
+  names = {"tumour": BRATS_REGIONS, "wmh": WMH_REGIONS, **CLASS_NAMES}
+  if pathology not in names:
+    raise ValueError(f"pathology must be one of {tuple(names)} to name regions; got "
+                     f"{pathology!r}")
+  return names[pathology]
 
 
 def _jnp():

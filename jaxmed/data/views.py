@@ -1,7 +1,7 @@
 """Training views of subjects: slices, whole volumes, random 3D crops, single modalities.
 
-A view is a table of equal-length numpy arrays (one row = one example, fed to
-`jaxmed.data.pipeline.train_iterator`) plus, optionally, a host transform
+A view is an example source (`jaxmed.data.sources`: rows read from the subjects on demand, fed
+to `jaxmed.data.pipeline.train_iterator`) plus, optionally, a host transform
 ``transform(example, rng) -> example`` that runs in the grain pipeline on every example:
 
   * ``"slice"``: axial slices (`jaxmed.data.datasets.slice_view`), optionally with foreground
@@ -10,8 +10,8 @@ A view is a table of equal-length numpy arrays (one row = one example, fed to
   * ``"crop"``: whole volumes cut to random fixed-size 3D crops by `CropSampler`, with
     foreground oversampling (nnU-Net's ``oversample_foreground_percent``, MONAI's
     ``RandCropByPosNegLabeld``).
-  * `modality_view` turns any of them into single-channel examples with a ``modality`` id, for
-    cross-modal objectives.
+  * ``per_modality`` turns any of them into single-channel examples with a ``modality`` id, for
+    cross-modal objectives (`jaxmed.data.sources.ModalitySource`).
 
 Config fields read by `make_view` (``config.data``; missing fields take the defaults):
   view: "slice" (default), "volume" or "crop".
@@ -23,18 +23,18 @@ Config fields read by `make_view` (``config.data``; missing fields take the defa
   image_threshold: crop view with negative="background": None (default, every label == 0 voxel
     is a candidate centre) or a float (only voxels with some channel > threshold, as MONAI's
     ``image_key`` / ``image_threshold``).
-  per_modality: apply `modality_view` (default False).
+  per_modality: one example per channel (default False).
 
 All of this is host-side NumPy: it runs in the input pipeline, never inside ``jit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxmed.data import datasets
+from jaxmed.data import datasets, sources
 
 VIEWS = ("slice", "volume", "crop")
 NEGATIVES = ("random", "background")
@@ -45,7 +45,7 @@ ExampleTransform = Callable[[dict, np.random.Generator], dict]
 
 
 def volume_view(subjects) -> dict[str, np.ndarray]:
-  """Whole volumes of ``subjects`` stacked into one table (one row per subject).
+  """Whole volumes of ``subjects`` stacked into one in-memory table (one row per subject).
 
   Args:
     subjects: non-empty sequence of `jaxmed.data.subject.Subject` sharing ``(D, H, W, C)``.
@@ -54,25 +54,7 @@ def volume_view(subjects) -> dict[str, np.ndarray]:
     ``{"image": (S, D, H, W, C) float32, "label": (S, D, H, W) uint8 (zeros for a subject
     without a label), "brain_mask": (S, D, H, W) bool, "subject_index": (S,) int32}``.
   """
-  subjects = list(subjects)
-  if not subjects:
-    raise ValueError("subjects must be a non-empty sequence of Subject")
-  shape = subjects[0].image.shape
-  for i, subject in enumerate(subjects):
-    if subject.image.shape != shape:
-      raise ValueError(
-          f"volume_view needs subjects of one (D, H, W, C) shape; subjects[{i}] "
-          f"({subject.subject_id}) has {subject.image.shape}, subjects[0] "
-          f"({subjects[0].subject_id}) has {shape}. Crop / pad them to a common size with "
-          f"data.crop (D, H, W) when reading NIfTI folders.")
-  image = np.stack([s.image.astype(np.float32, copy=False) for s in subjects])
-  label = np.zeros(image.shape[:4], np.uint8)
-  for i, s in enumerate(subjects):
-    if s.label is not None:
-      label[i] = s.label
-  brain_mask = np.stack([np.asarray(s.brain_mask, bool) for s in subjects])
-  return {"image": image, "label": label, "brain_mask": brain_mask,
-          "subject_index": np.arange(len(subjects), dtype=np.int32)}
+  return sources.materialize(sources.VolumeSource(subjects))
 
 
 def _check_crop(crop, name: str = "crop") -> tuple[int, int, int]:
@@ -335,75 +317,43 @@ class CropSampler:
 
 
 class SliceOversampler:
-  """Host transform oversampling labelled slices of a slice table.
+  """Host transform oversampling labelled rows of a slice source.
 
-  With probability ``fg_fraction`` the example is replaced by a row drawn uniformly from the
-  rows of ``arrays`` that hold a labelled voxel (label > 0); otherwise it is returned unchanged.
+  With probability ``fg_fraction`` the example is replaced by the row ``source[r]``, ``r``
+  drawn uniformly from the rows whose ``columns["labelled"]`` is True (a labelled voxel,
+  label > 0); otherwise it is returned unchanged.
 
-  Made for `jaxmed.data.datasets.slice_view` tables (any row table with a ``label`` works). Put
-  it first in `compose`, before transforms that read ``subject_index`` / ``slice_index``.
+  Made for `jaxmed.data.sources.SliceSource` (any source with a ``labelled`` column works, e.g.
+  an `ArraySource` of a table with ``label``). Put it first in `compose`, before transforms that
+  read ``subject_index`` / ``slice_index``.
 
   Args:
-    arrays: the training table, ``label`` ``(S, ...)`` and any other ``(S, ...)`` arrays; a
+    source: the training rows (a dict of arrays is wrapped in `sources.ArraySource`); a
       replaced example takes all of the drawn row's arrays (other example keys pass through).
     fg_fraction: replacement probability in [0, 1]; > 0 needs at least one labelled row.
   """
 
-  def __init__(self, arrays: Mapping[str, np.ndarray], fg_fraction: float):
+  def __init__(self, source, fg_fraction: float):
     self.fg_fraction = _check_fraction(fg_fraction)
-    if "label" not in arrays:
-      raise ValueError(f"SliceOversampler needs arrays['label']; got keys {sorted(arrays)}")
-    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    label = self.arrays["label"]
-    self.labelled_rows = np.flatnonzero((label > 0).reshape(len(label), -1).any(axis=1))
+    self.source = sources.as_source(source)
+    if "labelled" not in self.source.columns:
+      raise ValueError(f"SliceOversampler needs a 'labelled' column (rows with a label); "
+                       f"{self.source!r} has columns {sorted(self.source.columns)}")
+    self.labelled_rows = np.flatnonzero(self.source.columns["labelled"])
     if self.fg_fraction > 0 and not self.labelled_rows.size:
       raise ValueError(f"fg_fraction={self.fg_fraction} oversamples labelled slices, but none of "
-                       f"the {len(label)} examples has a labelled voxel (label > 0); set "
+                       f"the {len(self.source)} examples has a labelled voxel (label > 0); set "
                        f"fg_fraction=0 or use labelled subjects")
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     if self.fg_fraction == 0 or rng.random() >= self.fg_fraction:
       return example
     row = self.labelled_rows[rng.integers(self.labelled_rows.size)]
-    return {**example, **{k: v[row] for k, v in self.arrays.items()}}
+    return {**example, **self.source[int(row)]}
 
   def __repr__(self):
     return (f"SliceOversampler(fg_fraction={self.fg_fraction}, "
-            f"labelled_rows={self.labelled_rows.size}/{len(self.arrays['label'])})")
-
-
-def modality_view(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Every channel of every example as its own single-channel example.
-
-  For cross-modal objectives; row ``s * C + c`` is channel ``c`` of example ``s``.
-
-  Args:
-    arrays: a view table (`datasets.slice_view` or `volume_view`): ``image`` ``(S, ..., C)`` and
-      other ``(S, ...)`` arrays.
-
-  Returns:
-    ``image`` ``(S * C, ..., 1)``, ``modality`` ``(S * C,)`` int32 channel index, every other
-    key repeated ``C`` times along axis 0.
-  """
-  if "image" not in arrays:
-    raise ValueError(f"modality_view needs arrays['image'] (S, ..., C); got keys "
-                     f"{sorted(arrays)}")
-  if "modality" in arrays:
-    raise ValueError("arrays already hold 'modality': modality_view was applied twice")
-  image = np.asarray(arrays["image"])
-  if image.ndim < 3:
-    raise ValueError(f"arrays['image'] must be (S, ..., C) with spatial axes; got shape "
-                     f"{image.shape}")
-  s, c = image.shape[0], image.shape[-1]
-  out = {"image": np.moveaxis(image, -1, 1).reshape((s * c,) + image.shape[1:-1] + (1,))}
-  for key, value in arrays.items():
-    if key != "image":
-      value = np.asarray(value)
-      if len(value) != s:
-        raise ValueError(f"arrays[{key!r}] has {len(value)} rows, arrays['image'] has {s}")
-      out[key] = np.repeat(value, c, axis=0)
-  out["modality"] = np.tile(np.arange(c, dtype=np.int32), s)
-  return out
+            f"labelled_rows={self.labelled_rows.size}/{len(self.source)})")
 
 
 def compose(*transforms: ExampleTransform | None) -> ExampleTransform | None:
@@ -425,17 +375,21 @@ def compose(*transforms: ExampleTransform | None) -> ExampleTransform | None:
   return transform
 
 
-def make_view(cfg, subjects) -> tuple[dict[str, np.ndarray], ExampleTransform | None]:
-  """The configured training view of ``subjects``: its array table and host transform.
+def make_view(cfg, subjects):
+  """The configured training view of ``subjects``: its example source and host transform.
+
+  Examples are read from the subjects on demand (`jaxmed.data.sources`), so file-backed
+  subjects (`jaxmed.data.cache`) are never loaded whole.
 
   Args:
     cfg: ``config.data`` (ConfigDict or dict) with the fields listed in the module docstring.
-    subjects: sequence of `jaxmed.data.subject.Subject`.
+    subjects: sequence of `jaxmed.data.subject.Subject` (a list, or a file-backed sequence).
 
   Returns:
-    ``(arrays, transform)``: ``"slice"`` -> `datasets.slice_view` (+ `SliceOversampler` when
-    ``fg_fraction > 0``); ``"volume"`` -> `volume_view`, no transform; ``"crop"`` ->
-    `volume_view` + `CropSampler`. ``per_modality`` applies `modality_view` to the table first.
+    ``(source, transform)``: ``"slice"`` -> `sources.SliceSource` (+ `SliceOversampler` when
+    ``fg_fraction > 0``); ``"volume"`` -> `sources.VolumeSource`, no transform; ``"crop"`` ->
+    a lazy `sources.VolumeSource` + `CropSampler`. ``per_modality`` wraps the source in
+    `sources.ModalitySource`.
   """
   view = cfg.get("view", "slice")
   if view not in VIEWS:
@@ -459,11 +413,11 @@ def make_view(cfg, subjects) -> tuple[dict[str, np.ndarray], ExampleTransform | 
     sampler = CropSampler(crop, fg_fraction=fg_fraction, negative=negative,
                           image_threshold=cfg.get("image_threshold", None))
   if view == "slice":
-    arrays = datasets.slice_view(subjects, min_foreground=cfg.get("min_foreground", 0.2))
+    source = sources.SliceSource(subjects, min_foreground=cfg.get("min_foreground", 0.2))
   else:
-    arrays = volume_view(subjects)
+    source = sources.VolumeSource(subjects, lazy=view == "crop")
   if per_modality:
-    arrays = modality_view(arrays)
+    source = sources.ModalitySource(source)
   if view == "slice" and fg_fraction > 0:
-    sampler = SliceOversampler(arrays, fg_fraction)
-  return arrays, sampler
+    sampler = SliceOversampler(source, fg_fraction)
+  return source, sampler

@@ -105,10 +105,11 @@ class Method(abc.ABC):
 
   # --- Data -------------------------------------------------------------------------------
 
-  def example_transform(self, arrays) -> Callable[[dict, np.random.Generator], dict] | None:
-    """An optional host-side transform of every training example, given all training ``arrays``
-    (`jaxmed.data.pipeline.train_iterator`); None (the default) leaves examples as they are."""
-    del arrays
+  def example_transform(self, source) -> Callable[[dict, np.random.Generator], dict] | None:
+    """An optional host-side transform of every training example, given the training rows
+    (``source``: `jaxmed.data.sources`, random access with per-row ``columns``; read other rows
+    from it on demand); None (the default) leaves examples as they are."""
+    del source
     return None
 
   def augment(self, key, batch) -> dict:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.data import sources
 from jaxmed.losses import l1_loss, l2_loss
 from jaxmed.methods.base import Method
 from jaxmed.methods._unet import UNET_MODEL, UNetMethod
@@ -75,36 +76,37 @@ class SourceIdentificationMethod(UNetMethod, Method):
   def model_inputs(self, batch):
     return jnp.tile(batch["image"], (1, 1, 1, self.num_mixtures))
 
-  def example_transform(self, arrays):
+  def example_transform(self, source):
     """Host-side partner gathering for "cross" / "within" (None for "denoise").
 
     Args:
-      arrays: the training slice table (`jaxmed.data.datasets.slice_view`): ``image``
-        (S, H, W, C), ``subject_index`` (S,), ``slice_index`` (S,), optional ``brain_mask``
-        (S, H, W).
+      source: the training slice rows (`jaxmed.data.sources.SliceSource`, or a dict of arrays
+        as `jaxmed.data.datasets.slice_view` returns): columns ``subject_index`` and
+        ``slice_index``, rows with ``image`` (H, W, C) and optionally ``brain_mask`` (H, W).
+        Partner rows are read from it on demand.
 
     Returns:
       ``(example, rng) -> example`` adding ``partners`` (N - 1, H, W, C) float32 and, when the
-      table has brain masks, ``partner_mask`` (N - 1, H, W) bool.
+      rows have brain masks, ``partner_mask`` (N - 1, H, W) bool.
     """
     if self.strategy == "denoise":
       return None
-    missing = [k for k in ("image", "subject_index", "slice_index") if k not in arrays]
+    source = sources.as_source(source)
+    missing = [k for k in ("subject_index", "slice_index") if k not in source.columns]
     if missing:
-      raise ValueError(f"source identification ({self.strategy!r}) needs a slice table with "
-                       f"'image', 'subject_index' and 'slice_index' to draw partners; missing "
-                       f"{missing} (got keys {sorted(arrays)})")
-    image = np.asarray(arrays["image"])
-    mask = arrays.get("brain_mask")
-    mask = None if mask is None else np.asarray(mask, bool)
-    sampler = PartnerSampler(arrays["subject_index"], arrays["slice_index"],
+      raise ValueError(f"source identification ({self.strategy!r}) needs slice rows with "
+                       f"'subject_index' and 'slice_index' columns to draw partners; missing "
+                       f"{missing} (got columns {sorted(source.columns)})")
+    sampler = PartnerSampler(source.columns["subject_index"], source.columns["slice_index"],
                              strategy=self.strategy, num_partners=self.num_partners)
 
     def transform(example, rng):
-      rows = sampler(rng, example["subject_index"], example["slice_index"])
-      out = {**example, "partners": image[rows].astype(np.float32, copy=False)}
-      if mask is not None:
-        out["partner_mask"] = mask[rows]
+      partners = [source[int(r)] for r in sampler(rng, example["subject_index"],
+                                                  example["slice_index"])]
+      out = {**example, "partners": np.stack(
+          [np.asarray(p["image"], np.float32) for p in partners])}
+      if "brain_mask" in partners[0]:
+        out["partner_mask"] = np.stack([np.asarray(p["brain_mask"], bool) for p in partners])
       return out
 
     return transform

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from jaxmed import methods as methods_lib
-from jaxmed.data import datasets, pipeline, views
+from jaxmed.data import datasets, pipeline, sources, views
 from jaxmed.train import checkpoint as ckpt_lib
 from jaxmed.train import logging as log_lib
 from jaxmed.train import optim, sharding
@@ -127,7 +127,7 @@ def setup(config, method, example_batch, mesh):
 
 
 def train(config, workdir: str, *, method: methods_lib.Method | None = None,
-          train_arrays: Mapping[str, np.ndarray] | None = None, subjects: Sequence | None = None,
+          train_data=None, subjects: Sequence | None = None,
           init_variables: Callable[[dict], dict] | None = None,
           hooks: Sequence[EvalHook] = (), evaluators: Sequence = (),
           stop: StopRule | None = None,
@@ -138,9 +138,11 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     config: the experiment `ml_collections.ConfigDict`.
     workdir: output folder (checkpoints/, metrics.jsonl, tensorboard/).
     method: a prebuilt method (default: from ``config.method``).
-    train_arrays: training examples as a dict of arrays (default: the ``config.data.view`` of
-      ``subjects``, `jaxmed.data.views.make_view`).
-    subjects: the training subjects (default: the configured data's train split).
+    train_data: training examples, a dict of arrays or a source (`jaxmed.data.sources`), each
+      process reading every ``process_count``-th row (default: the ``config.data.view`` of
+      this process's share of ``subjects``, `jaxmed.data.views.make_view`).
+    subjects: the training subjects, a list or a file-backed sequence (default: the configured
+      data's train split); each process reads only subjects ``process_index::process_count``.
     init_variables: maps freshly initialised variables to the starting ones (transfer learning);
       ignored when resuming from a checkpoint.
     hooks: evaluation hooks ``(step, state) -> metrics``, run every ``config.eval_every`` steps
@@ -155,10 +157,15 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   os.makedirs(workdir, exist_ok=True)
   method = method or methods_lib.get_method(config)
   view_transform = None
-  if train_arrays is None:
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if train_data is None:
     if subjects is None:
       subjects = datasets.load_splits(config.data)["train"]
-    train_arrays, view_transform = views.make_view(config.data, subjects)
+    shard = sources.shard_subjects(subjects, process_index, process_count)
+    train_source, view_transform = views.make_view(config.data, shard)
+    process_index, process_count = 0, 1  # the source is already this process's share
+  else:
+    train_source = sources.as_source(train_data)
   total_steps = int(config.total_steps)
   batch_size = int(config.batch_size)
   accum = int(config.optim.get("accum_steps", 1))
@@ -170,10 +177,13 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     raise ValueError(f"batch_size={batch_size} must be divisible by optim.accum_steps={accum} x "
                      f"{mesh.size} devices")
 
-  transform = views.compose(view_transform, method.example_transform(train_arrays))
-  data_iter = pipeline.train_iterator(train_arrays, global_batch_size=batch_size,
-                                      seed=int(config.seed), transform=transform)
-  first = {k: v[0] for k, v in train_arrays.items()}
+  transform = views.compose(view_transform, method.example_transform(train_source))
+  data_iter = pipeline.train_iterator(
+      train_source, global_batch_size=batch_size, seed=int(config.seed), transform=transform,
+      process_index=process_index, process_count=process_count,
+      read_threads=int(config.data.get("read_threads", 4)),
+      prefetch=int(config.data.get("prefetch", 2)))
+  first = train_source[0]
   if transform is not None:
     first = transform(first, np.random.default_rng(0))
   example = {k: np.zeros((batch_size, *np.shape(v)), np.asarray(v).dtype)

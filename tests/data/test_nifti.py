@@ -571,6 +571,7 @@ def test_write_case_round_trip_and_training_from_a_nifti_config(tmp_path):
 
   config = config_for("restoration", {
       "data.root": str(tmp_path / "brats"), "data.crop": (16, 16, 16),  # source "auto": NIfTI
+      "data.cache_dir": str(tmp_path / "cache"),
       "data.modalities": ("flair", "t1ce"), "data.num_val": 0, "data.num_test": 1,
       "model.features": (4, 8), "batch_size": 4, "total_steps": 2, "log_every": 1,
       "tensorboard": False, "checkpoint.every": 0})
@@ -585,5 +586,6 @@ def test_write_case_round_trip_and_training_from_a_nifti_config(tmp_path):
   config.data.update(source="synthetic", num_subjects=3, shape=(16, 16, 16))
   assert datasets.load_subjects(config.data)[0].subject_id.startswith("phantom")
   config.data.source = "dicom"
-  with pytest.raises(ValueError, match="data.source must be 'auto', 'synthetic' or 'nifti'"):
+  with pytest.raises(ValueError, match=r"data.source must be 'auto' or one of \('synthetic', "
+                     r"'nifti', 'tfds'\); got 'dicom'"):
     datasets.load_subjects(config.data)

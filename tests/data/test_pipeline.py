@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxmed.data import datasets, pipeline, synthetic
+from jaxmed.data import datasets, pipeline, sources, synthetic
 
 
 def _take(it, n):
@@ -47,7 +47,7 @@ def test_process_shards_are_disjoint():
 
 def test_array_source_errors():
   with pytest.raises(ValueError, match="equal lengths"):
-    pipeline.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
+    sources.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
 
 
 def test_splits_and_labeled_subsets():

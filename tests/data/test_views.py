@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmed.data import datasets, pipeline, synthetic, views
+from jaxmed.data import datasets, pipeline, sources, synthetic, views
 from jaxmed.data.subject import Subject
 
 # Bound of the statistical tests, in binomial standard deviations.
@@ -359,14 +359,19 @@ def test_slice_oversampler_needs_a_labelled_slice():
 # ----------------------------------------------------------------------------- modalities
 
 
-def test_modality_view_splits_channels_into_examples():
+def test_modality_source_splits_channels_into_examples():
   subjects = _subjects()
-  for arrays in (datasets.slice_view(subjects), views.volume_view(subjects)):
+  for source in (sources.SliceSource(subjects), sources.VolumeSource(subjects)):
+    arrays = sources.materialize(source)
     s, c = len(arrays["image"]), arrays["image"].shape[-1]
-    out = views.modality_view(arrays)
+    out_source = sources.ModalitySource(source)
+    out = sources.materialize(out_source)
     assert out["image"].shape == (s * c,) + arrays["image"].shape[1:-1] + (1,)
     assert out["modality"].dtype == np.int32
     np.testing.assert_array_equal(out["modality"], np.tile(np.arange(c), s))
+    np.testing.assert_array_equal(out_source.columns["modality"], out["modality"])
+    np.testing.assert_array_equal(out_source.columns["subject_index"],
+                                  np.repeat(source.columns["subject_index"], c))
     for k in (0, 5, s * c - 1):
       np.testing.assert_array_equal(out["image"][k, ..., 0], arrays["image"][k // c, ..., k % c])
     for key in arrays:
@@ -374,7 +379,7 @@ def test_modality_view_splits_channels_into_examples():
         assert len(out[key]) == s * c
         np.testing.assert_array_equal(out[key][c + 2], arrays[key][1])
   with pytest.raises(ValueError, match="twice"):
-    views.modality_view(out)
+    sources.ModalitySource(out_source)
 
 
 # ----------------------------------------------------------------------------- make_view
@@ -382,25 +387,33 @@ def test_modality_view_splits_channels_into_examples():
 
 def test_make_view_slice_volume_and_crop():
   subjects = _subjects()
-  arrays, transform = views.make_view({"view": "slice", "min_foreground": 0.2}, subjects)
+  source, transform = views.make_view({"view": "slice", "min_foreground": 0.2}, subjects)
+  arrays = sources.materialize(source)
   expected = datasets.slice_view(subjects, min_foreground=0.2)
   assert transform is None and arrays.keys() == expected.keys()
   np.testing.assert_array_equal(arrays["image"], expected["image"])
+  keep = [(i, k) for i, s in enumerate(subjects)
+          for k in np.flatnonzero(s.brain_mask.mean(axis=(1, 2)) >= 0.2)]
+  assert [tuple(r) for r in zip(arrays["subject_index"], arrays["slice_index"])] == keep
+  for key in ("image", "label", "brain_mask"):
+    np.testing.assert_array_equal(
+        arrays[key], np.stack([getattr(subjects[i], key)[k] for i, k in keep]))
 
   cfg = ml_collections.ConfigDict({"view": "slice", "min_foreground": 0.2, "fg_fraction": 0.5})
-  arrays, transform = views.make_view(cfg, subjects)
+  source, transform = views.make_view(cfg, subjects)
   assert isinstance(transform, views.SliceOversampler) and transform.fg_fraction == 0.5
 
-  arrays, transform = views.make_view({"view": "volume"}, subjects)
-  assert transform is None and arrays["image"].shape == (3, 16, 24, 24, 4)
+  source, transform = views.make_view({"view": "volume"}, subjects)
+  assert transform is None and sources.materialize(source)["image"].shape == (3, 16, 24, 24, 4)
 
   cfg = ml_collections.ConfigDict({"view": "crop", "crop_size": (8, 16, 16), "fg_fraction": 1.0,
                                    "negative": "background", "per_modality": True})
-  arrays, transform = views.make_view(cfg, subjects)
-  assert arrays["image"].shape == (12, 16, 24, 24, 1) and arrays["modality"].shape == (12,)
+  source, transform = views.make_view(cfg, subjects)
+  assert len(source) == 12 and source[5]["image"].shape == (16, 24, 24, 1)
+  assert source.columns["modality"].shape == (12,)
   assert isinstance(transform, views.CropSampler)
   assert transform.crop == (8, 16, 16) and transform.negative == "background"
-  it = pipeline.train_iterator(arrays, global_batch_size=4, seed=0, process_index=0,
+  it = pipeline.train_iterator(source, global_batch_size=4, seed=0, process_index=0,
                                process_count=1, transform=transform)
   batch = next(it)
   assert batch["image"].shape == (4, 8, 16, 16, 1) and batch["crop_origin"].shape == (4, 3)

@@ -197,7 +197,7 @@ def test_trains_with_the_generic_trainer(tmp_path):
                       "optim.weight_decay": 0.0, "method": "context_prediction"})
   arrays = {"image": _images(n=8, channels=1, seed=2)}
   result = trainer.train(config, str(tmp_path), method=ContextPredictionMethod(config),
-                         train_arrays=arrays, progress=False)
+                         train_data=arrays, progress=False)
   rows = read_metrics(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) and r["masked_fraction"] == 0.25 for r in rows)

@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("recon"))
   method = ReconstructionMethod(config)
   result = trainer.train(config, workdir, method=method,
-                         train_arrays={"image": np.asarray(_image(n=8))}, progress=False)
+                         train_data={"image": np.asarray(_image(n=8))}, progress=False)
   return method, result, workdir
 
 

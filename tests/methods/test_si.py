@@ -10,6 +10,7 @@ import pytest
 
 from helpers import config_for, tiny_config as make_tiny_config
 
+from jaxmed.data import sources
 from jaxmed.methods.si import SourceIdentificationMethod
 from jaxmed.train import trainer
 from jaxmed.train.logging import read_metrics
@@ -180,7 +181,7 @@ def test_tiny_cross_patient_training_run(tiny_config, tmp_path):
   assert int(result.state.step) == 12
   # Every example of every batch carried 4 partners from other subjects.
   assert len(seen) >= 12 * config.batch_size
-  arrays = seen[0][0]
+  arrays = sources.materialize(seen[0][0])
   assert len(np.unique(arrays["subject_index"])) == 4  # 6 phantoms - 1 val - 1 test
   for _, subject, partners in seen[:: 7]:
     rows = _rows_of(partners, arrays["image"])

@@ -1,4 +1,5 @@
-"""Multi-host: two local processes x two CPU devices through ``jaxmed train --distributed``."""
+"""Multi-host: two local processes x two CPU devices through ``jaxmed train --distributed``, on
+file-backed data (a NIfTI folder that both processes preprocess into one shared cache)."""
 
 import os
 import signal
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO, tiny_flags
+from helpers import REPO, nifti_phantoms, tiny_flags
 
 from jaxmed.train.logging import read_metrics
 
@@ -18,7 +19,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_two_processes(workdir, total_steps):
+def _start_two_processes(workdir, total_steps, data_flags):
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
@@ -26,7 +27,7 @@ def _start_two_processes(workdir, total_steps):
        "--workdir", str(workdir), "--noprogress", "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
        *tiny_flags(), "--config.checkpoint.every=10", "--config.tensorboard=False",
-       f"--config.total_steps={total_steps}"],
+       f"--config.total_steps={total_steps}", *data_flags],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
   return procs
 
@@ -43,9 +44,10 @@ def _final(workdir):
 
 def test_two_processes_sigterm_and_resume_match_a_straight_run(tmp_path):
   total = 80
-  _wait(_start_two_processes(tmp_path / "straight", total))
+  data_flags = nifti_phantoms(tmp_path / "nifti")
+  _wait(_start_two_processes(tmp_path / "straight", total, data_flags))
   resumed = tmp_path / "resumed"
-  procs = _start_two_processes(resumed, total)
+  procs = _start_two_processes(resumed, total, data_flags)
   while not (os.path.exists(resumed / "metrics.jsonl")
              and read_metrics(str(resumed))[-1]["step"] >= 10):
     assert all(p.poll() is None for p in procs), "a process exited before SIGTERM"
@@ -58,7 +60,7 @@ def test_two_processes_sigterm_and_resume_match_a_straight_run(tmp_path):
   data = resumed / "checkpoints" / str(steps[-1]) / "data"
   assert sorted(p for p in os.listdir(data) if p.endswith(".json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]  # one data-iterator state per process
-  _wait(_start_two_processes(resumed, total))
+  _wait(_start_two_processes(resumed, total, data_flags))
   logged = [r["step"] for r in read_metrics(str(resumed))]
   assert logged == list(range(5, total + 1, 5))
   assert _final(resumed) == _final(tmp_path / "straight")

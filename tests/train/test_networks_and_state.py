@@ -58,7 +58,7 @@ def test_gan_updates_discriminator_then_generator_against_it():
 
 def test_frozen_network_has_no_optimizer_state_and_never_changes(tmp_path):
   config = toys.toy_config("toy_perceptual")
-  result = trainer.train(config, str(tmp_path), train_arrays=toys.toy_arrays(), progress=False)
+  result = trainer.train(config, str(tmp_path), train_data=toys.toy_arrays(), progress=False)
   state = jax.device_get(result.state)
   leaves = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path)
                          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -95,12 +95,12 @@ def test_queue_hook_freeze_and_step_in_the_loss():
 def test_queue_method_resumes_exactly(tmp_path):
   config = toys.toy_config("toy_queue", eval_every=4)
   arrays = toys.toy_arrays()
-  straight = trainer.train(config, str(tmp_path / "a"), train_arrays=arrays, progress=False,
+  straight = trainer.train(config, str(tmp_path / "a"), train_data=arrays, progress=False,
                            hooks=[lambda step, state: {}])
-  first = trainer.train(config, str(tmp_path / "b"), train_arrays=arrays, progress=False,
+  first = trainer.train(config, str(tmp_path / "b"), train_data=arrays, progress=False,
                         hooks=[lambda step, state: {}], stop=lambda step, m: step == 8)
   assert first.stopped_early and int(first.state.step) == 8
-  resumed = trainer.train(config, str(tmp_path / "b"), train_arrays=arrays, progress=False,
+  resumed = trainer.train(config, str(tmp_path / "b"), train_data=arrays, progress=False,
                           hooks=[lambda step, state: {}])
   a, b = jax.device_get(straight.state), jax.device_get(resumed.state)
   for field in ("params", "opt_state", "method_state"):
