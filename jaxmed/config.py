@@ -64,8 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
       # to `spacing` (mm, () keeps it), cropped to the foreground, normalised ("zscore",
       # "window" for CT, "none"), cropped / padded to `crop`; unreadable cases raise or are
       # skipped (on_error). Training reads them on demand with read_threads, prefetch batches.
+      # The foreground (brain mask) is where some channel is "nonzero" (skull-stripped MR) or
+      # > foreground_threshold ("threshold", e.g. -500 HU for the body in CT).
       spacing=(), crop_foreground=False, normalize="zscore", window=(-175.0, 250.0),
-      foreground_threshold=None, cache_dir="", on_error="raise", preprocess_workers=0,
+      foreground="nonzero", foreground_threshold=-500.0, cache_dir="", on_error="raise",
+      preprocess_workers=0,
       read_threads=4, prefetch=4))
   # A TFDS dataset (jaxmed.data.tfds: brats, wmh, btcv, feta, fastmri) prepared in data_dir,
   # from the downloaded official layout in manual_dir on first use.

@@ -11,8 +11,8 @@
    foreground-centred) and axial slices (all modalities), through `pipeline.train_iterator`
    with 1 and 4 read threads, against the examples per second the train step consumes on this
    machine (3D / 2D UNet of the segmentation config; compilation excluded).
-4. Peak resident memory (ru_maxrss) of a `jaxmed train --config restoration` run over the
-   folder (3D crops, a small 3D UNet), in a fresh process, against the size of the dataset.
+4. Peak resident memory (VmHWM) of a `jaxmed train --config restoration` run over the folder
+   (3D crops, a small 3D UNet), in a fresh process, against the size of the dataset.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import concurrent.futures
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import time
@@ -88,6 +87,7 @@ def consumed_per_second(view: dict, batch: int, example: dict, steps: int = 3):
 
 
 def peak_rss_of_training(root, cache_dir, workdir, steps):
+  """Peak resident set (VmHWM, bytes) of the training process itself, polled from /proc."""
   cmd = [sys.executable, "-m", "jaxmed.cli", "train", "--config", "restoration",
          "--workdir", str(workdir), "--noprogress", f"--config.data.root={root}",
          f"--config.data.cache_dir={cache_dir}", "--config.data.view=crop",
@@ -95,12 +95,22 @@ def peak_rss_of_training(root, cache_dir, workdir, steps):
          "--config.model.features=8,16,32,64", "--config.batch_size=2",
          f"--config.total_steps={steps}", "--config.log_every=5", "--config.tensorboard=False",
          "--config.checkpoint.every=0", "--config.data.num_val=0", "--config.data.num_test=0"]
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   t = time.perf_counter()
-  subprocess.run(cmd, check=True, capture_output=True)
-  seconds = time.perf_counter() - t
-  after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  return max(before, after) * 1024, seconds  # ru_maxrss is in KiB on Linux
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  peak = 0
+  while proc.poll() is None:
+    try:
+      with open(f"/proc/{proc.pid}/status") as f:
+        for line in f:
+          if line.startswith("VmHWM:"):
+            peak = max(peak, int(line.split()[1]) * 1024)
+    except (FileNotFoundError, ProcessLookupError):
+      break
+    time.sleep(0.1)
+  _, err = proc.communicate()
+  if proc.returncode:
+    raise RuntimeError(f"training failed:\n{err.decode()[-3000:]}")
+  return peak, time.perf_counter() - t
 
 
 def main():
@@ -111,6 +121,8 @@ def main():
   parser.add_argument("--threads", type=int, nargs="+", default=(1, 4))
   parser.add_argument("--batches", type=int, default=50)
   parser.add_argument("--train-steps", type=int, default=20)
+  parser.add_argument("--memory-only", action="store_true",
+                      help="only the peak-memory run (the folder and cache exist)")
   args = parser.parse_args()
   work = pathlib.Path(args.workdir)
   root, cache_dir = work / "nifti", work / "cache"
@@ -139,6 +151,10 @@ def main():
   print(f"cache build: {build_s:.1f} s ({first_reads} cases read); reuse: {reuse_s:.2f} s "
         f"({len(reads) - first_reads} NIfTI reads); cache {cache_gib:.2f} GiB")
 
+  if args.memory_only:
+    rss, seconds = peak_rss_of_training(root, cache_dir, work / "run", args.train_steps)
+    print(f"peak resident memory of `jaxmed train` ({seconds:.0f} s): {rss / 2**30:.2f} GiB")
+    return
   rows = []
   crop_view = {"view": "crop", "crop_size": CROP, "fg_fraction": 0.33}
   slice_view = {"view": "slice", "min_foreground": 0.2}

@@ -104,13 +104,19 @@ class Preprocessing:
   @classmethod
   def from_config(cls, cfg) -> Preprocessing:
     """From ``config.data``: ``spacing`` (() = keep), ``crop_foreground``, ``normalize``,
-    ``window``, ``foreground_threshold``, ``crop`` (() = keep)."""
+    ``window``, ``foreground`` ("nonzero" or "threshold" at ``foreground_threshold``),
+    ``crop`` (() = keep)."""
     spacing = tuple(cfg.get("spacing", ()) or ()) or None
     shape = tuple(cfg.get("crop", ()) or ()) or None
+    foreground = cfg.get("foreground", "nonzero")
+    if foreground not in ("nonzero", "threshold"):
+      raise ValueError(f"data.foreground must be 'nonzero' or 'threshold'; got {foreground!r}")
+    threshold = float(cfg.get("foreground_threshold", -500.0))
     return cls(spacing=spacing, crop_foreground=bool(cfg.get("crop_foreground", False)),
                normalize=cfg.get("normalize", "zscore"),
                window=tuple(cfg.get("window", (-175.0, 250.0))),
-               foreground_threshold=cfg.get("foreground_threshold", None), shape=shape)
+               foreground_threshold=threshold if foreground == "threshold" else None,
+               shape=shape)
 
   def to_json(self) -> dict:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -14,8 +14,8 @@ Config fields (``config.data``):
   num_subjects, shape, noise: phantom count, volume shape (D, H, W), Rician noise level.
   Preprocessing of NIfTI / TFDS cases (`jaxmed.data.cache.Preprocessing`, done once per case
     into ``cache_dir``): spacing (target mm, () = keep), crop_foreground, normalize ("zscore",
-    "window", "none"), window, foreground_threshold, crop (final (D, H, W) crop / pad, () =
-    keep); on_error ("raise" / "skip" unreadable cases), preprocess_workers (0 = one per CPU).
+    "window", "none"), window, foreground ("nonzero" / "threshold" at foreground_threshold),
+    crop (final (D, H, W) crop / pad, () = keep); on_error ("raise" / "skip" unreadable cases), preprocess_workers (0 = one per CPU).
   seed: data seed (phantom generation and splits).
   num_val, num_test: held-out subjects.
   min_foreground: drop axial slices with a smaller brain fraction.

@@ -200,9 +200,10 @@ class VolumeSource(grain.sources.RandomAccessDataSource):
   """One row per subject: ``{"image": (D, H, W, C) float32, "label": (D, H, W) uint8 (zeros
   without a label), "brain_mask": (D, H, W) bool, "subject_index": int32}``.
 
-  Subjects must share one shape (crop / pad them with ``data.crop``). With ``lazy`` the arrays
-  are the subject's own (memory-mapped for a file-backed subject), for a transform that reads
-  only part of them (`jaxmed.data.views.CropSampler`); otherwise they are read into memory.
+  Subjects must share one shape (crop / pad them with ``data.crop``), or with ``lazy`` only
+  their channels. With ``lazy`` the arrays are the subject's own (memory-mapped for a
+  file-backed subject), for a transform that cuts a fixed-size part of them
+  (`jaxmed.data.views.CropSampler`); otherwise they are read into memory.
 
   ``columns``: ``subject_index`` (S,) int32 and ``labelled`` (S,) bool.
   """
@@ -212,7 +213,8 @@ class VolumeSource(grain.sources.RandomAccessDataSource):
     self.lazy = bool(lazy)
     infos = subject_infos(subjects)
     for i, info in enumerate(infos):
-      if info.shape != infos[0].shape:
+      if (info.shape[-1:] if self.lazy else info.shape) != (
+          infos[0].shape[-1:] if self.lazy else infos[0].shape):
         raise ValueError(
             f"a volume view needs subjects of one (D, H, W, C) shape; subjects[{i}] "
             f"({info.subject_id}) has {info.shape}, subjects[0] ({infos[0].subject_id}) has "

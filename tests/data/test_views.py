@@ -446,3 +446,16 @@ def test_compose_chains_in_order_and_skips_none():
   rng = np.random.default_rng(0)
   assert views.compose(add, None, double)({"x": 1}, rng)["x"] == 4
   assert views.compose(double, add)({"x": 1}, rng)["x"] == 3
+
+
+def test_crops_come_from_volumes_of_different_shapes():
+  subjects = [*_subjects()[:2], synthetic.make_subjects(1, seed=4, shape=(18, 20, 16))[0]]
+  cfg = ml_collections.ConfigDict({"view": "crop", "crop_size": (8, 16, 16), "fg_fraction": 0.5})
+  source, transform = views.make_view(cfg, subjects)
+  it = pipeline.train_iterator(source, global_batch_size=6, seed=0, process_index=0,
+                               process_count=1, transform=transform)
+  batch = next(it)
+  assert batch["image"].shape == (6, 8, 16, 16, 4)
+  assert set(batch["subject_index"].tolist()) == {0, 1, 2}
+  with pytest.raises(ValueError, match="one \\(D, H, W, C\\) shape"):
+    views.make_view({"view": "volume"}, subjects)
