@@ -38,3 +38,25 @@ def sigmoid_dice_ce_loss(logits, target, *, dice_weight=1.0, ce_weight=1.0, batc
   ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
   dice = soft_dice_loss(jax.nn.sigmoid(logits), target, batch_dice=batch_dice)
   return dice_weight * dice + ce_weight * ce
+
+
+def softmax_dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=False):
+  """Loss for mutually exclusive classes (organs, tissues): soft Dice of the softmax against
+  the one-hot labels + cross-entropy, as MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``
+  with its defaults (Dice over every class including the background, per item, smooth 1e-5;
+  mean cross-entropy over voxels).
+
+  Args:
+    logits: ``(N, *spatial, K)`` class scores (K includes the background class 0).
+    labels: ``(N, *spatial)`` integer labels in [0, K).
+    batch_dice: pool the Dice over the batch (MONAI ``batch=True``) instead of per item.
+  """
+  logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1]
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(f"labels {labels.shape} must be logits {logits.shape} without the class "
+                     f"axis")
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  ce = jnp.mean(optax.softmax_cross_entropy(logits, onehot))
+  dice = soft_dice_loss(jax.nn.softmax(logits, axis=-1), onehot, batch_dice=batch_dice)
+  return dice_weight * dice + ce_weight * ce
