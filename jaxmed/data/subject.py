@@ -25,6 +25,9 @@ CLASS_NAMES = {
     # FeTA fetal brain T2w (7 tissues).
     "tissues": ("external_csf", "grey_matter", "white_matter", "ventricles", "cerebellum",
                 "deep_grey_matter", "brainstem"),
+    # The phantoms' tissue map (jaxmed.data.synthetic.TISSUES without the background): a
+    # FeTA-like 8-class target (with the background) on tumour phantoms.
+    "brain_tissues": ("scalp", "skull", "csf", "gm", "wm", "ventricles", "lesion"),
 }
 # Every pathology (what a label map means): "none" = no label.
 PATHOLOGIES = ("tumour", "wmh", *CLASS_NAMES, "none")

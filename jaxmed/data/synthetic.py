@@ -32,7 +32,7 @@ from jaxmed.data.subject import BRATS_LABELS
 from jaxmed.data.subject import Subject
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
-PATHOLOGIES = ("tumour", "wmh", "none")
+PATHOLOGIES = ("tumour", "wmh", "none", "brain_tissues")
 # Mutually exclusive tissue classes returned by ``make_subject(..., return_tissues=True)``;
 # "csf" is the extra-cerebral and sulcal CSF, "gm" includes the deep grey nuclei.
 TISSUES = ("background", "scalp", "skull", "csf", "gm", "wm", "ventricles", "lesion")
@@ -80,7 +80,8 @@ def make_subject(seed: int,
   Args:
     seed: non-negative int; the same seed gives bit-identical arrays.
     shape: ``(D, H, W)`` volume shape, each >= 16.
-    pathology: ``"tumour"``, ``"wmh"`` or ``"none"``.
+    pathology: ``"tumour"``, ``"wmh"``, ``"none"`` or ``"brain_tissues"`` (tumour phantoms
+      whose ``label`` is the tissue map: `TISSUES` index 0..7, ``lesion`` = the tumour).
     noise: std of both Gaussian components of the Rician noise (max tissue intensity ~1).
     subject_id: defaults to ``f"phantom-{seed}"``.
     return_tissues: also return ``{name: (D, H, W) bool}`` for every name in `TISSUES`
@@ -105,7 +106,7 @@ def make_subject(seed: int,
 
   rng = np.random.default_rng(pathology_ss)
   grade = 0
-  if pathology == "tumour":
+  if pathology in ("tumour", "brain_tissues"):
     lesion_layers, grade = _tumour_layers(rng, geo, fields)
   elif pathology == "wmh":
     lesion_layers = _wmh_layers(rng, geo, fields, tissue == _TISSUE["wm"])
@@ -129,6 +130,8 @@ def make_subject(seed: int,
   if noise > 0:
     _add_rician_noise(rng, image, noise)
 
+  if pathology == "brain_tissues":
+    label = tissue.astype(np.uint8)
   subject = Subject(
       subject_id=f"phantom-{seed}" if subject_id is None else str(subject_id),
       image=np.ascontiguousarray(np.moveaxis(image, 0, -1)),

@@ -26,18 +26,75 @@ time, naming the evaluator. Types (`EVALUATORS`):
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 import warnings
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxmed.data import datasets
+from jaxmed.data import datasets, sources
 from jaxmed.evaluate import linear_probe
+from jaxmed.evaluate.sliding_window import sliding_window_inference
 from jaxmed.metrics import dice, hausdorff_distance, psnr, ssim
 
 MODES = ("2d", "3d")
+# Segmentation evaluator modes: "auto" = "window" for a 3D model, "2d" otherwise.
+SEGMENTATION_MODES = ("auto", "2d", "3d", "window")
+
+
+def window_probabilities(method, *, roi_size, overlap: float = 0.5, mode: str = "constant",
+                         batch_size: int = 4, tta: bool = False, mesh=None):
+  """Jitted ``(variables, volumes (N, *spatial, C)) -> (N, *spatial, K)`` float32: sliding
+  windows (`sliding_window_inference`) over ``method.probabilities``; with ``tta`` the mean
+  over every flip of the spatial axes (8 in 3D), each flipped back."""
+  roi_size = tuple(int(r) for r in roi_size)
+
+  def probabilities(variables, volumes):
+    def infer(x):
+      return sliding_window_inference(lambda w: method.probabilities(variables, w), x,
+                                      roi_size, overlap=overlap, mode=mode,
+                                      batch_size=batch_size, mesh=mesh)
+    if not tta:
+      return infer(volumes)
+    spatial = range(1, volumes.ndim - 1)
+    total = 0.0
+    for flips in itertools.product((False, True), repeat=len(spatial)):
+      axes = tuple(a for a, f in zip(spatial, flips) if f)
+      total = total + (jnp.flip(infer(jnp.flip(volumes, axes)), axes) if axes
+                       else infer(volumes))
+    return total / 2 ** len(spatial)
+
+  return jax.jit(probabilities)
+
+
+def window_predictor(method, **window):
+  """Jitted ``(variables, volumes) -> (N, *spatial, R)`` bool: `window_probabilities` then
+  ``method.decide`` (the ``"3d"`` ``predict`` of `predict_volume`)."""
+  probabilities = window_probabilities(method, **window)
+  return jax.jit(lambda variables, volumes: method.decide(probabilities(variables, volumes)))
+
+
+def window_settings(method, fields=None) -> dict:
+  """The window settings of ``fields`` (an evaluator's), defaulting to the method config's
+  ``finetune`` section (``roi_size`` () = ``data.crop_size``)."""
+  fields = dict(fields or {})
+  ft = method.config.get("finetune", {})
+  roi = tuple(fields.get("roi_size") or ft.get("roi_size", ()) or method.config.data.crop_size)
+  return {"roi_size": roi,
+          "overlap": float(fields.get("overlap", ft.get("overlap", 0.5))),
+          "mode": fields.get("window_mode") or ft.get("window_mode", "constant"),
+          "batch_size": int(fields.get("window_batch") or ft.get("window_batch", 4)),
+          "tta": bool(fields.get("tta", ft.get("tta", False)))}
+
+
+def is_3d(method) -> bool:
+  """Whether the method's network is 3D (``data.view`` "crop" or "volume" in its config; a
+  method without a config is taken as 2D)."""
+  config = getattr(method, "config", None)
+  return config is not None and config.data.get("view", "slice") in ("crop", "volume")
 
 # --- Subject-level segmentation metrics (also used by `jaxmed.evaluate.finetune`) -------------
 
@@ -210,16 +267,18 @@ class Evaluator(abc.ABC):
   def error(self, message: str) -> ValueError:
     return ValueError(f"evals.{self.name} (type {self.type!r}): {message}")
 
-  def subjects(self, splits, field: str, *, labelled: bool) -> list:
-    """The non-empty subject list ``splits[self.fields[field]]``."""
+  def subjects(self, splits, field: str, *, labelled: bool):
+    """The non-empty subjects ``splits[self.fields[field]]`` (a list, or a file-backed
+    sequence that opens one subject at a time)."""
     split = self.fields[field]
     if split not in splits:
       raise self.error(f"{field} must be one of {sorted(splits)}; got {split!r}")
-    subjects = list(splits[split])
-    if not subjects:
+    subjects = splits[split]
+    if not len(subjects):
       raise self.error(f"split {split!r} ({field}) has no subjects")
     if labelled:
-      missing = [s.subject_id for s in subjects if s.label is None]
+      infos = sources.subject_infos(subjects)
+      missing = [i.subject_id for i in infos if not i.has_label]
       if missing:
         raise self.error(f"needs labelled subjects; {split!r} subjects without a label: "
                          f"{missing}")
@@ -316,9 +375,12 @@ class SegmentationEvaluator(Evaluator):
   """Dice and HD95 per region on the subjects of ``split``, in 3D, one value per subject
   (`evaluate_subjects`), averaged over subjects.
 
-  Fields: ``split`` ("val" or "test"), ``mode`` ("2d": the method predicts batches of
-  ``batch_size`` axial slices ``(N, H, W, C) -> (N, H, W, R)`` bool, stacked into a volume;
-  "3d": it predicts the volume ``(1, D, H, W, C) -> (1, D, H, W, R)``).
+  Fields: ``split`` ("val" or "test"), ``mode``: "2d" (the method predicts batches of
+  ``batch_size`` axial slices ``(N, H, W, C) -> (N, H, W, R)`` bool, stacked into a volume),
+  "3d" (it predicts the whole volume ``(1, D, H, W, C) -> (1, D, H, W, R)``), "window"
+  (sliding windows over ``method.probabilities``, `window_predictor`: ``roi_size``,
+  ``overlap``, ``window_mode``, ``window_batch``, ``tta``, each defaulting to the method's
+  ``finetune`` section) or "auto" (the default: "window" for a 3D network, else "2d").
 
   Metrics: ``dice_<region>``, ``dice_All`` (several regions: the channels together),
   ``dice_mean`` (mean over the regions, ``All`` excluded), ``hd95_<region>`` and ``hd95_mean``:
@@ -329,15 +391,17 @@ class SegmentationEvaluator(Evaluator):
   """
 
   type = "segmentation"
-  defaults = {"split": "val", "mode": "2d", "batch_size": 32}
+  defaults = {"split": "val", "mode": "auto", "batch_size": 32, "roi_size": (), "overlap": None,
+              "window_mode": "", "window_batch": 0, "tta": None}
   hooks = ("predict", "regions")
 
-  def setup(self, splits, *, split, mode, batch_size):
-    self.mode = self.choice("mode", MODES)
+  def setup(self, splits, *, split, mode, batch_size, **window):
+    self.mode = self.choice("mode", SEGMENTATION_MODES)
     self.batch_size = self.positive_int("batch_size")
     self.subject_list = self.subjects(splits, "split", labelled=True)
     self.regions = tuple(self.method.regions)
-    self.predict = _jitted_predict(self.method)
+    self.mode, self.predict = segmentation_predictor(
+        self.method, self.mode, {k: v for k, v in window.items() if v is not None})
 
   def evaluate(self, variables):
     result = evaluate_subjects(self.method, variables, self.subject_list,
@@ -348,6 +412,22 @@ class SegmentationEvaluator(Evaluator):
     out["dice_mean"] = _mean([result["mean"][r] for r in self.regions])
     out["hd95_mean"] = _mean(list(result["hausdorff_mean"].values()))
     return out
+
+
+def segmentation_predictor(method, mode: str = "auto", window=None):
+  """``(predict_volume mode, predict)`` for a segmentation evaluation in ``mode``
+  (`SEGMENTATION_MODES`): "window" (or "auto" with a 3D network) is the "3d" mode with
+  `window_predictor` (settings from `window_settings`)."""
+  if mode not in SEGMENTATION_MODES:
+    raise ValueError(f"mode must be one of {SEGMENTATION_MODES}; got {mode!r}")
+  if mode == "auto":
+    mode = "window" if is_3d(method) else "2d"
+  if mode == "window":
+    if not hasattr(method, "probabilities"):
+      raise ValueError(f"mode='window' needs method.probabilities, which "
+                       f"{type(method).__name__} does not have")
+    return "3d", window_predictor(method, **window_settings(method, window))
+  return mode, _jitted_predict(method)
 
 
 @register

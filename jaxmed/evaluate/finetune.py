@@ -117,7 +117,11 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
   tested, best_step = result.state.variables, int(result.state.step)
   if patience and early.best_variables is not None:
     tested, best_step = early.best_variables, early.best_step
-  test = evaluate_subjects(method, tested, splits["test"], batch_size=int(ft.eval_batch_size))
+  # The test subjects as the validation ones: slice-wise for a 2D network, sliding windows
+  # over whole volumes for a 3D one (finetune.roi_size, overlap, window_mode, tta).
+  mode, predict = evaluators.segmentation_predictor(method)
+  test = evaluate_subjects(method, tested, splits["test"], batch_size=int(ft.eval_batch_size),
+                           mode=mode, predict=predict)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "test_dice.json"), "w") as f:
       json.dump({"subjects": test["subjects"], "regions": list(test["regions"]),

@@ -1,7 +1,15 @@
-"""Supervised segmentation of overlapping regions (BraTS WT/TC/ET, WMH) with a UNet.
+"""Supervised segmentation with a UNet (2D slices or 3D crops): overlapping regions or classes.
 
-Used for fine-tuning pre-trained encoders (source_identification Sec. 5.4) and for training from
-scratch. One sigmoid output per region; loss soft Dice + binary cross-entropy.
+Used for fine-tuning pre-trained encoders (source_identification Sec. 5.4; DAE Sec. 4) and for
+training from scratch. The label's ``data.pathology`` decides the head:
+
+  * overlapping regions (BraTS WT/TC/ET, WMH): one sigmoid output per region, soft Dice +
+    binary cross-entropy (nnU-Net's region-based training);
+  * mutually exclusive classes (``"organs"``, ``"tissues"``, ``"brain_tissues"``): K + 1 softmax
+    outputs (background first), soft Dice + cross-entropy (MONAI ``DiceCELoss``).
+
+`probabilities` gives what sliding windows, flips and fold ensembles average; `decide` turns
+averaged probabilities into bool region masks (a class k as the region ``label == k``).
 """
 
 from __future__ import annotations
@@ -11,8 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxmed.data.subject import label_regions, region_names
-from jaxmed.losses import sigmoid_dice_ce_loss
+from jaxmed.data.subject import CLASS_NAMES, label_regions, region_names
+from jaxmed.losses import sigmoid_dice_ce_loss, softmax_dice_ce_loss
 from jaxmed.methods._unet import UNET_MODEL, UNetMethod, spatial_dims
 from jaxmed.methods.base import Method
 from jaxmed.metrics import dice
@@ -53,18 +61,28 @@ FINETUNE = dict(
     # step `min_steps`, and test the best weights.
     patience=0, min_steps=0,
     # Mixup (Zhang et al. 2018; source_identification Sec. 6.4): lambda ~ Beta(a, a), a > 0.
-    mixup_alpha=0.0)
+    mixup_alpha=0.0,
+    # Evaluation of 3D models on whole volumes (jaxmed.evaluate.sliding_window): windows of
+    # roi_size (() = data.crop_size), overlap, "constant" / "gaussian" blending, window_batch
+    # windows per call; tta averages the probabilities over every flip of the spatial axes.
+    roi_size=(), overlap=0.5, window_mode="constant", window_batch=4, tta=False)
 
 
 class SegmentationMethod(UNetMethod, Method):
-  """Config: ``model`` (UNet fields), ``data.pathology`` ("tumour" or "wmh"),
-  ``finetune.mixup_alpha`` (> 0 enables mixup in training)."""
+  """Config: ``model`` (UNet fields), ``data.pathology`` (regions or classes, see the module
+  docstring), ``data.view`` ("slice": 2D, "crop" / "volume": 3D), ``finetune`` (mixup, the
+  evaluation windows)."""
 
   name = "segmentation"
 
   @property
   def regions(self) -> tuple[str, ...]:
     return region_names(self.config.data.pathology)
+
+  @property
+  def exclusive(self) -> bool:
+    """Mutually exclusive classes (softmax over background + classes), not regions."""
+    return self.config.data.pathology in CLASS_NAMES
 
   @classmethod
   def default_config(cls):
@@ -76,26 +94,55 @@ class SegmentationMethod(UNetMethod, Method):
             "data": dict(min_foreground=0.0)}
 
   def model_arguments(self):
-    return {"out_channels": len(self.regions), "spatial_dims": spatial_dims(self.config)}
+    return {"out_channels": len(self.regions) + int(self.exclusive),
+            "spatial_dims": spatial_dims(self.config)}
 
   def targets(self, batch):
-    """``(N, H, W, R)`` bool region masks from the label map."""
+    """``(N, *spatial, R)`` bool region masks from the label map."""
     return label_regions(batch["label"], self.config.data.pathology)
 
   def loss(self, variables, batch, key, *, train, step=0):
     del step
-    image, target = batch["image"], self.targets(batch)
+    image = batch["image"]
     alpha = float(self.config.finetune.get("mixup_alpha", 0.0))
     mix_key, key = jax.random.split(key)
-    if train and alpha > 0.0:
-      image, soft_target = mixup(mix_key, image, target.astype(jnp.float32), alpha=alpha)
+    if self.exclusive:
+      if alpha > 0.0:
+        raise ValueError(f"finetune.mixup_alpha={alpha}: mixup blends region targets; data."
+                         f"pathology={self.config.data.pathology!r} has exclusive classes")
+      logits, model_state = self.apply(variables, image, key, train=train)
+      loss = softmax_dice_ce_loss(logits, batch["label"].astype(jnp.int32))
+      truth = self.targets(batch)
     else:
-      soft_target = target
-    logits, model_state = self.apply(variables, image, key, train=train)
-    loss = sigmoid_dice_ce_loss(logits, soft_target)
-    per_region = jnp.nanmean(dice(logits > 0, soft_target > 0.5), axis=0)
+      truth = self.targets(batch)
+      if train and alpha > 0.0:
+        image, soft_target = mixup(mix_key, image, truth.astype(jnp.float32), alpha=alpha)
+      else:
+        soft_target = truth
+      logits, model_state = self.apply(variables, image, key, train=train)
+      loss = sigmoid_dice_ce_loss(logits, soft_target)
+      truth = soft_target > 0.5
+    pred = self.decide(self._activate(logits))
+    per_region = jnp.nanmean(dice(pred, truth), axis=0)
     metrics = {f"dice_{name}": per_region[i] for i, name in enumerate(self.regions)}
     return loss, metrics, model_state
+
+  def _activate(self, logits):
+    logits = logits.astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1) if self.exclusive else jax.nn.sigmoid(logits)
+
+  def probabilities(self, variables, image):
+    """``(N, *spatial, K)`` float32 probabilities, eval mode: sigmoid per region, or softmax
+    over background + classes."""
+    logits, _ = self.apply(variables, image, None, train=False)
+    return self._activate(logits)
+
+  def decide(self, probs):
+    """Probabilities (possibly averaged) -> ``(N, *spatial, R)`` bool regions: ``p > 0.5``
+    per region, or the regions ``argmax == k`` of the classes."""
+    if self.exclusive:
+      return label_regions(jnp.argmax(probs, axis=-1), self.config.data.pathology)
+    return probs > 0.5
 
   @functools.cached_property
   def jitted_predict(self):
@@ -103,6 +150,5 @@ class SegmentationMethod(UNetMethod, Method):
     return jax.jit(self.predict)
 
   def predict(self, variables, image):
-    """``(N, H, W, R)`` bool region predictions, eval mode."""
-    logits, _ = self.apply(variables, image, None, train=False)
-    return logits > 0
+    """``(N, *spatial, R)`` bool region predictions, eval mode."""
+    return self.decide(self.probabilities(variables, image))

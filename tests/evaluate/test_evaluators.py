@@ -304,7 +304,7 @@ def test_registry_lists_the_types():
      r"evals\.e: unknown field\(s\) \['splt'\] for type 'segmentation'"),
     ({"type": "segmentation", "every": -1}, LabelReader(), r"evals\.e: every must be an int"),
     ({"type": "segmentation", "mode": "4d"}, LabelReader(),
-     r"evals\.e \(type 'segmentation'\): mode must be one of \('2d', '3d'\); got '4d'"),
+     r"evals\.e \(type 'segmentation'\): mode must be one of \('auto', '2d', '3d', 'window'\); got '4d'"),
     ({"type": "segmentation", "split": "holdout"}, LabelReader(),
      r"evals\.e \(type 'segmentation'\): split must be one of"),
     ({"type": "segmentation", "split": "test"}, LabelReader(),
