@@ -6,7 +6,8 @@
 A run is training plus, from the config, its starting weights (``config.init``:
 `jaxmed.train.init.initializer`) and its evaluators (``config.evals``:
 `jaxmed.evaluate.evaluators`). A segmentation config is the fine-tuning protocol
-(`jaxmed.evaluate.finetune`: labelled subset, early stopping on validation Dice, test Dice).
+(`jaxmed.evaluate.finetune`: labelled subset, early stopping on validation Dice, test Dice;
+with `finetune.folds > 1` the k-fold protocol of `jaxmed.evaluate.crossval`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def run_config(config, workdir: str, *, progress: bool = True):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
+  if config.method == "segmentation" and int(config.finetune.get("folds", 0)) > 1:
+    from jaxmed.evaluate import crossval  # pylint: disable=g-import-not-at-top
+    result = crossval.cross_validate(config, workdir, progress=progress)
+    with open(os.path.join(workdir, "crossval.md")) as f:
+      print(f.read())
+    return result
   if config.method == "segmentation":
     result = finetune.finetune(config, workdir, progress=progress)
     print(evaluators_lib.dice_table({os.path.basename(os.path.normpath(workdir)): result.test}))

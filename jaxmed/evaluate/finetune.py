@@ -35,6 +35,7 @@ class FinetuneResult:
   labeled_subjects: list
   best_step: int
   stopped_early: bool = False
+  tested_variables: dict | None = None  # the weights that were tested (host arrays)
 
 
 class EarlyStopping:
@@ -115,7 +116,7 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
                          init_variables=init, hooks=hooks,
                          stop=early.should_stop if patience else None, progress=progress)
   tested, best_step = result.state.variables, int(result.state.step)
-  if patience and early.best_variables is not None:
+  if (patience or ft.get("test_best", False)) and early.best_variables is not None:
     tested, best_step = early.best_variables, early.best_step
   # The test subjects as the validation ones: slice-wise for a 2D network, sliding windows
   # over whole volumes for a 3D one (finetune.roi_size, overlap, window_mode, tta).
@@ -131,4 +132,5 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
                  "labeled_subjects": [s.subject_id for s in labeled]}, f, indent=1)
   return FinetuneResult(test=test, state=result.state, method=method,
                         labeled_subjects=[s.subject_id for s in labeled], best_step=best_step,
-                        stopped_early=result.stopped_early)
+                        stopped_early=result.stopped_early,
+                        tested_variables=jax.device_get(tested))

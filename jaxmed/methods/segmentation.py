@@ -60,6 +60,12 @@ FINETUNE = dict(
     # (every `eval_every` steps) without a better mean validation Dice (0: never), not before
     # step `min_steps`, and test the best weights.
     patience=0, min_steps=0,
+    # Test the best validation weights also without early stopping (patience 0).
+    test_best=False,
+    # k-fold cross-validation (jaxmed.evaluate.crossval): folds > 1 trains one model per fold
+    # (test = the fold, num_val validation subjects from the rest) and ensembles them on the
+    # data.num_test held-out subjects.
+    folds=0,
     # Mixup (Zhang et al. 2018; source_identification Sec. 6.4): lambda ~ Beta(a, a), a > 0.
     mixup_alpha=0.0,
     # Evaluation of 3D models on whole volumes (jaxmed.evaluate.sliding_window): windows of

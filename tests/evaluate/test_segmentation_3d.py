@@ -3,15 +3,18 @@ the phantoms' tissue target, and a 3D fine-tuning run from a 3D pre-training che
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from helpers import tiny_config
 
 from jaxmed.data import synthetic
 from jaxmed.data.subject import CLASS_NAMES, label_regions
-from jaxmed.evaluate import evaluators
+from jaxmed.evaluate import crossval, evaluators
 from jaxmed.losses import softmax_dice_ce_loss
 from jaxmed.methods import get_method
 from jaxmed.runner import run_config
@@ -98,19 +101,60 @@ def test_phantom_tissue_target():
   assert subject.regions.shape == (16, 20, 16, 7)
 
 
-def test_3d_finetuning_from_a_3d_pretraining_checkpoint(tmp_path):
-  """Restoration (a round-one method) pre-trains a 3D UNet on crops; the tissue task fine-tunes
-  it (new input / output layers) and is evaluated by sliding windows with flip TTA."""
-  shape = dict(data__num_subjects=5, data__shape=(16, 24, 20), data__num_val=1,
+def test_kfold_splits_partition_the_subjects_and_keep_validation_apart():
+  subjects = [f"s{i}" for i in range(11)]
+  splits = crossval.kfold_splits(subjects, folds=3, num_val=2, seed=4)
+  tests = [set(s["test"]) for s in splits]
+  assert sum(map(len, tests)) == 11 and set.union(*tests) == set(subjects)  # each tested once
+  for split in splits:
+    assert len(split["val"]) == 2
+    parts = [set(split[k]) for k in ("train", "val", "test")]
+    assert set.union(*parts) == set(subjects) and sum(map(len, parts)) == 11  # disjoint
+  assert [len(t) for t in tests] == [4, 4, 3]
+  assert crossval.kfold_splits(subjects, folds=3, num_val=2, seed=4) == splits  # seeded
+  for bad, match in (({"folds": 1}, "folds"), ({"folds": 12}, "folds=12"),
+                     ({"folds": 3, "num_val": 7}, "num_val=7")):
+    with pytest.raises(ValueError, match=match):
+      crossval.kfold_splits(subjects, **{"num_val": 0, **bad}, seed=0)
+
+
+def test_fold_ensemble_is_the_mean_of_the_folds_probabilities():
+  config = tiny_config("segmentation", data__view="crop", data__crop_size=(6, 8, 8))
+  method = PointwiseMethod(config)
+  rng = np.random.default_rng(2)
+  folds = [{"w": rng.normal(size=(4, 2)).astype(np.float32)} for _ in range(3)]
+  volume = rng.normal(size=(9, 13, 11, 4)).astype(np.float32)
+  got = crossval.ensemble_probabilities(method, folds, volume)
+  want = np.mean([method.probabilities(v, volume) for v in folds], axis=0)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  with pytest.raises(ValueError, match="at least one"):
+    crossval.ensemble_probabilities(method, [], volume)
+
+
+def test_3d_crossval_from_a_3d_pretraining_checkpoint(tmp_path):
+  """Restoration (a round-one method) pre-trains a 3D UNet on crops; 2-fold cross-validation of
+  the tissue task fine-tunes it (new input / output layers), evaluates by sliding windows and
+  ensembles the folds on the held-out subject."""
+  shape = dict(data__num_subjects=6, data__shape=(16, 24, 20), data__num_val=1,
                data__num_test=1, data__view="crop", data__crop_size=(16, 16, 16))
   run_config(tiny_config("restoration", total_steps=2, batch_size=4, **shape),
              str(tmp_path / "pre"), progress=False)
   config = tiny_config("segmentation", total_steps=2, batch_size=4, eval_every=2,
                        init__path=str(tmp_path / "pre"), data__pathology="brain_tissues",
-                       finetune__tta=True, data__fg_fraction=0.5, **shape)
-  result = run_config(config, str(tmp_path / "ft"), progress=False)
+                       finetune__folds=2, finetune__test_best=True,
+                       data__fg_fraction=0.5, **shape)
+  result = run_config(config, str(tmp_path / "cv"), progress=False)
   regions = CLASS_NAMES["brain_tissues"]
-  assert result.test["dice"].shape == (1, len(regions) + 1)  # one test subject; + All
-  assert list(result.test["regions"]) == [*regions, "All"]
-  records = [r for r in read_metrics(str(tmp_path / "ft")) if "val/dice_mean" in r]
-  assert records and all(np.isfinite(r["val/dice_mean"]) for r in records)
+  assert result.regions == regions and len(result.folds) == 2
+  assert len(result.out_of_fold["subjects"]) == 5  # 6 - 1 held out, each tested once
+  assert result.out_of_fold["dice"].shape == result.out_of_fold["msd"].shape == (5, 7)
+  assert result.ensemble["dice"].shape == (1, 7)
+  report = (tmp_path / "cv" / "crossval.md").read_text()
+  assert "2-fold cross-validation" in report and "ensemble of the 2 fold models" in report
+  assert "| HD95 (mm) |" in report and "| MSD (mm) |" in report
+  data = json.loads((tmp_path / "cv" / "crossval.json").read_text())
+  assert data["regions"] == list(regions) and len(data["ensemble"]["dice"]) == 1
+  for k in range(2):
+    records = [r for r in read_metrics(str(tmp_path / "cv" / f"fold_{k}"))
+               if "val/dice_mean" in r]
+    assert records and all(np.isfinite(r["val/dice_mean"]) for r in records)
