@@ -77,15 +77,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = ml_collections.ConfigDict(dict(
       enabled=False, flip=True, rot90=False, rotation=15.0, scale=(0.85, 1.25), affine_p=0.2,
       elastic_alpha=0.0, elastic_sigma=3.0, elastic_p=0.2, gamma=(0.7, 1.5), gamma_p=0.3,
-      noise_std=0.0, noise_p=0.15))
+      noise_std=0.0, noise_p=0.15,
+      # MONAI RandScaleIntensity / RandShiftIntensity: image * (1 + U(-f, f)), image + U(-o, o).
+      intensity_scale=0.0, intensity_scale_p=0.1, intensity_shift=0.0, intensity_shift_p=0.1))
 
   # Starting weights (jaxmed.train.init.initializer): a run's workdir / checkpoint folder (at
   # `step`, default the latest readable), or a PyTorch file read with `converter`; `prefix`
   # takes one module's subtree; leaves whose path matches a `replace` pattern keep their fresh
   # values, `drop` names pre-trained leaves left unused, `rename` maps paths.
+  # `tile` names input kernels tiled over input channels (x C_old / C_new) when the counts differ.
   c.init = ml_collections.ConfigDict(dict(
       path="", step=None, prefix="", converter="", converter_kwargs=None, key="", strip=(),
-      replace=(), drop=(), rename=(), strict=True))
+      replace=(), tile=(), drop=(), rename=(), strict=True))
   # Evaluators by name (jaxmed.evaluate.evaluators): name -> dict(type=..., every=..., ...).
   c.evals = ml_collections.ConfigDict()
   return c

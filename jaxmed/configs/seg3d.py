@@ -7,7 +7,7 @@ disruptive_autoencoders Sec. 4; MONAI's BTCV / Swin-UNETR recipe).
         --config.init.path=runs/restoration3d                               # from pre-training
 
 A 3D UNet on ``crop_size`` crops (a third centred on labelled voxels), flips / rot90 and
-intensity scale-and-shift augmentation; DiceCE (softmax) for the tissue classes, Dice + BCE
+intensity scale-and-shift augmentation (MONAI's recipe: factor / offset 0.1, p 0.1); DiceCE (softmax) for the tissue classes, Dice + BCE
 (sigmoid) for the overlapping tumour regions. ``finetune.folds`` folds of the non-held-out
 subjects, best validation weights per fold (evaluated every ``eval_every`` steps by sliding
 windows over whole volumes, overlap 0.5, batch 4), the fold models ensembled on the
@@ -20,10 +20,14 @@ from jaxmed.config import method_config, parse_arg
 
 
 def get_config(arg: str = ""):
-  """``arg``: ``target=tumour|tissues``, ``size=small`` for a CPU-sized run."""
-  args = parse_arg(arg, {"target": "tumour", "size": ""}, config="seg3d")
+  """``arg``: ``target=tumour|tissues``; ``input=new|tile``: a pre-trained input layer with
+  another channel count is replaced by a new one, or its kernel tiled over the channels (scaled
+  by old / new, `jaxmed.train.init.tile_input_channels`); ``size=small`` for a CPU-sized run."""
+  args = parse_arg(arg, {"target": "tumour", "input": "new", "size": ""}, config="seg3d")
   if args["target"] not in ("tumour", "tissues"):
     raise ValueError(f"seg3d: target must be 'tumour' or 'tissues'; got {args['target']!r}")
+  if args["input"] not in ("new", "tile"):
+    raise ValueError(f"seg3d: input must be 'new' or 'tile'; got {args['input']!r}")
   c = method_config("segmentation")
   c.data.view = "crop"
   c.data.crop_size = (64, 64, 64)
@@ -31,6 +35,11 @@ def get_config(arg: str = ""):
   c.data.augment.enabled = True
   c.data.augment.rot90 = True
   c.data.augment.affine_p = 0.0
+  c.data.augment.update(intensity_scale=0.1, intensity_scale_p=0.1, intensity_shift=0.1,
+                        intensity_shift_p=0.1)
+  if args["input"] == "tile":
+    c.init.replace = (r"[^/]+/output_conv/.*",)
+    c.init.tile = (r"[^/]+/input_conv/.*kernel",)
   if args["target"] == "tissues":  # FeTA-like: the tissue map from a single modality
     c.data.pathology = "brain_tissues"
     c.data.modalities = ("t1",)

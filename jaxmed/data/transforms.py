@@ -10,7 +10,8 @@ Return convention:
   * Spatial transforms (`random_flip`, `random_rot90`, `random_crop`, `random_affine`,
     `affine_transform`, `elastic_deform`, `resample`) and `Augment.__call__` / `Augment.batch`
     ALWAYS return an ``(image, label)`` tuple; when no label is given, the label slot is None.
-  * Intensity transforms (`random_gamma`, `gaussian_noise`) take no label and return the image.
+  * Intensity transforms (`random_gamma`, `gaussian_noise`, `random_scale_intensity`,
+    `random_shift_intensity`) take no label and return the image.
 
 Resampling (affine / elastic) uses `jax.scipy.ndimage.map_coordinates`: order 1 for images,
 order 0 (nearest neighbour) for labels, so label values are never interpolated. Points outside
@@ -65,7 +66,10 @@ def _check(image, label, fn: str):
 
 
 def _check_p(p, fn: str) -> float:
-  p = float(p)
+  try:
+    p = float(p)
+  except (TypeError, ValueError):
+    raise ValueError(f"{fn}: p must be a number in [0, 1]; got {p!r}") from None
   if not 0.0 <= p <= 1.0:
     raise ValueError(f"{fn}: p must be in [0, 1]; got {p}")
   return p
@@ -513,6 +517,73 @@ def gaussian_noise(key, image, *, std=(0.0, 0.1), p: float = 1.0):
   return _gate(gate_key, p, fn, image, None)[0]
 
 
+def _check_magnitude(value, name: str, fn: str) -> float:
+  """``value`` as a finite float >= 0; ValueError naming ``name`` otherwise."""
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{fn}: {name} must be a number >= 0; got {value!r}") from None
+  if not (math.isfinite(v) and v >= 0.0):
+    raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {value!r}")
+  return v
+
+
+def random_scale_intensity(key, image, *, factor: float = 0.1, p: float = 1.0):
+  """MONAI ``RandScaleIntensity``: ``image * (1 + u)``, u uniform in ``[-factor, factor]``.
+
+  One u is drawn per call and shared by all channels (MONAI's default ``channel_wise=False``).
+  Applied with probability p.
+
+  Args:
+    key: PRNG key.
+    image: float ``(H, W, C)`` or ``(D, H, W, C)``.
+    factor: the largest relative change, ``>= 0`` (0 returns the image unchanged).
+    p: probability of applying.
+
+  Returns:
+    The image, same shape and dtype.
+  """
+  return _uniform_intensity(key, image, factor, p, "factor", "random_scale_intensity",
+                            lambda x, u: x * (1 + u))
+
+
+def random_shift_intensity(key, image, *, offset: float = 0.1, p: float = 1.0):
+  """MONAI ``RandShiftIntensity``: ``image + u``, u uniform in ``[-offset, offset]``.
+
+  One u is drawn per call and shared by all channels (MONAI's default ``channel_wise=False``).
+  Applied with probability p.
+
+  Args:
+    key: PRNG key.
+    image: float ``(H, W, C)`` or ``(D, H, W, C)``.
+    offset: the largest absolute shift, ``>= 0`` (0 returns the image unchanged).
+    p: probability of applying.
+
+  Returns:
+    The image, same shape and dtype.
+  """
+  return _uniform_intensity(key, image, offset, p, "offset", "random_shift_intensity",
+                            lambda x, u: x + u)
+
+
+def _uniform_intensity(key, image, magnitude, p, name: str, fn_name: str, combine):
+  """``combine(image, u)`` with one u ~ U(-magnitude, magnitude) for all channels, with
+  probability p; the image unchanged when ``magnitude`` is 0."""
+  image = _check_float_image(image, fn_name)
+  p = _check_p(p, fn_name)
+  magnitude = _check_magnitude(magnitude, name, fn_name)
+  if magnitude == 0.0:
+    return image
+  gate_key, u_key = jax.random.split(key)
+  ctype = _compute_dtype(image.dtype)
+
+  def fn(img, _):
+    u = jax.random.uniform(u_key, (), ctype, -magnitude, magnitude)
+    return combine(img.astype(ctype), u).astype(img.dtype), None
+
+  return _gate(gate_key, p, fn, image, None)[0]
+
+
 # ----------------------------------------------------------------------------- composition
 
 
@@ -527,8 +598,8 @@ class Augment:
   """Composed augmentation pipeline (a static, hashable config).
 
   Applied per example in the order: crop, affine (rotation + scale), elastic, flip, rot90, gamma,
-  noise. Each step draws from its own fixed sub-key, so enabling one step does not change the
-  randomness of the others.
+  noise, intensity scale, intensity shift (the last four on the image only). Each step draws
+  from its own fixed sub-key, so enabling one step does not change the randomness of the others.
 
   Attributes:
     flip: random flips of every spatial axis (p = 0.5 each).
@@ -544,6 +615,12 @@ class Augment:
     gamma_p: probability of the gamma step.
     noise_std: max Gaussian noise std (drawn uniformly in [0, noise_std]); 0 disables.
     noise_p: probability of the noise step.
+    intensity_scale: MONAI ``RandScaleIntensity`` factor f: the image times ``1 + u``, u uniform
+      in [-f, f], one u per example for all channels; 0 disables.
+    intensity_scale_p: probability of the intensity scale step.
+    intensity_shift: MONAI ``RandShiftIntensity`` offset o: the image plus u, u uniform in
+      [-o, o], one u per example for all channels; 0 disables.
+    intensity_shift_p: probability of the intensity shift step.
   """
 
   flip: bool = True
@@ -559,6 +636,10 @@ class Augment:
   gamma_p: float = 0.3
   noise_std: float = 0.0
   noise_p: float = 0.15
+  intensity_scale: float = 0.0
+  intensity_scale_p: float = 0.1
+  intensity_shift: float = 0.0
+  intensity_shift_p: float = 0.1
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -566,8 +647,11 @@ class Augment:
     if self.crop_size is not None and (
         not self.crop_size or any(int(s) < 1 for s in self.crop_size)):
       raise ValueError(f"Augment: crop_size must be positive ints; got {self.crop_size!r}")
-    for name in ("affine_p", "elastic_p", "gamma_p", "noise_p"):
+    for name in ("affine_p", "elastic_p", "gamma_p", "noise_p", "intensity_scale_p",
+                 "intensity_shift_p"):
       _check_p(getattr(self, name), f"Augment.{name}")
+    for name in ("intensity_scale", "intensity_shift"):
+      object.__setattr__(self, name, _check_magnitude(getattr(self, name), name, "Augment"))
     for name in ("rotation", "elastic_alpha", "noise_std"):
       if float(getattr(self, name)) < 0:
         raise ValueError(f"Augment: {name} must be >= 0; got {getattr(self, name)!r}")
@@ -615,6 +699,13 @@ class Augment:
       image = random_gamma(keys[5], image, gamma_range=self.gamma, p=self.gamma_p)
     if self.noise_std > 0:
       image = gaussian_noise(keys[6], image, std=(0.0, self.noise_std), p=self.noise_p)
+    # Keys folded in rather than split from `key`, so the steps above keep their randomness.
+    if self.intensity_scale > 0:
+      image = random_scale_intensity(jax.random.fold_in(key, 7), image,
+                                     factor=self.intensity_scale, p=self.intensity_scale_p)
+    if self.intensity_shift > 0:
+      image = random_shift_intensity(jax.random.fold_in(key, 8), image,
+                                     offset=self.intensity_shift, p=self.intensity_shift_p)
     return image, label
 
   def batch(self, key, images, labels=None):

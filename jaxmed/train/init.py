@@ -9,6 +9,10 @@
                        template=jax.eval_shape(resnet18(num_classes=1000).init, key, x))
     trainer.train(config, workdir, init_variables=init)      # a new head, the rest converted
 
+    # A 4-channel model from a 1-channel one: the input kernel (3, 3, 3, 1, C) is tiled to
+    # (3, 3, 3, 4, C) and scaled by 1 / 4, so equal input channels give the same activations.
+    variables = transfer(pretrained, fresh, tile=(r"input_conv/conv/kernel",))
+
 Paths. Every leaf of a Flax variables dict (``{collection: nested dict}``) is named by its path
 ``"collection/module/.../leaf"``, e.g. ``"params/encoder_0/conv1/kernel"`` or
 ``"batch_stats/input_conv/norm/mean"``. A pattern is a regular expression that must match a
@@ -47,7 +51,7 @@ CONVERTERS = {
 }
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 LOAD_KEYS = ("path", "step", "prefix", "converter", "converter_kwargs", "key", "strip")
-TRANSFER_KEYS = ("replace", "drop", "rename", "strict")
+TRANSFER_KEYS = ("replace", "tile", "drop", "rename", "strict")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,25 +159,31 @@ class TransferPlan:
   """Where every variable of the fresh model comes from.
 
   Attributes:
-    sources: ``{fresh path: pretrained path it is copied from, or None if kept fresh}``, in the
-      fresh variables' order.
+    sources: ``{fresh path: pretrained path it is copied (or tiled) from, or None if kept
+      fresh}``, in the fresh variables' order.
     dropped: pretrained paths left unused on purpose (matching ``drop`` or ``replace``).
     unused: pretrained paths left unused and not dropped (empty unless ``strict=False``).
+    tiled: fresh paths whose value is the pretrained kernel tiled over its input channels
+      (``tile`` patterns whose shapes differ), in the fresh variables' order.
   """
 
   sources: dict[str, str | None]
   dropped: tuple[str, ...] = ()
   unused: tuple[str, ...] = ()
+  tiled: tuple[str, ...] = ()
 
   @property
   def kinds(self) -> dict[str, str]:
-    """``{fresh path: "pretrained" | "fresh"}``."""
-    return {p: "fresh" if s is None else "pretrained" for p, s in self.sources.items()}
+    """``{fresh path: "pretrained" | "tiled" | "fresh"}``."""
+    tiled = set(self.tiled)
+    return {p: "fresh" if s is None else "tiled" if p in tiled else "pretrained"
+            for p, s in self.sources.items()}
 
   @property
   def copied(self) -> dict[str, str]:
-    """``{fresh path: pretrained path}`` of the copied leaves."""
-    return {p: s for p, s in self.sources.items() if s is not None}
+    """``{fresh path: pretrained path}`` of the leaves copied as they are (not tiled)."""
+    tiled = set(self.tiled)
+    return {p: s for p, s in self.sources.items() if s is not None and p not in tiled}
 
   @property
   def fresh(self) -> tuple[str, ...]:
@@ -181,8 +191,8 @@ class TransferPlan:
     return tuple(p for p, s in self.sources.items() if s is None)
 
   def summary(self) -> str:
-    """One line of counts, e.g. ``"34 copied, 4 kept fresh, 2 dropped, 0 unused"``."""
-    return (f"{len(self.copied)} copied, {len(self.fresh)} kept fresh, "
+    """One line of counts, e.g. ``"33 copied, 1 tiled, 4 kept fresh, 2 dropped, 0 unused"``."""
+    return (f"{len(self.copied)} copied, {len(self.tiled)} tiled, {len(self.fresh)} kept fresh, "
             f"{len(self.dropped)} dropped, {len(self.unused)} unused")
 
 
@@ -190,18 +200,66 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
-def _plan(flat_pre: dict, flat_fresh: dict, *, replace, drop, rename, strict: bool):
+def _tile_problem(pre_shape: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
+  """Why a pretrained kernel of ``pre_shape`` cannot be tiled to ``shape`` (None if it can)."""
+  if (len(pre_shape) < 2 or len(pre_shape) != len(shape)
+      or pre_shape[:-2] + pre_shape[-1:] != shape[:-2] + shape[-1:]):
+    return ("tile adapts only the input-channel axis (-2) of a kernel (*k, C_in, C_out), and "
+            "the shapes differ elsewhere")
+  if shape[-2] < pre_shape[-2]:
+    return (f"tile only adds input channels (axis -2), and the model has fewer ({shape[-2]} < "
+            f"{pre_shape[-2]})")
+  return None
+
+
+def tile_input_channels(kernel, channels: int) -> np.ndarray:
+  """``kernel`` ``(*k, C, C_out)`` tiled along axis -2 to ``channels`` input channels.
+
+  Channel ``c`` of the result is the pretrained channel ``c % C``, and the result is scaled by
+  ``C / channels``. When ``channels`` is a multiple of ``C``, an input whose channels all equal
+  ``x`` then gives the same activation as the pretrained kernel on ``C`` channels equal to
+  ``x`` (for ``C = 1``: on ``x`` itself).
+
+  Args:
+    kernel: a convolution (or dense) kernel with the input channels on axis -2.
+    channels: the number of input channels wanted, at least ``C``.
+
+  Returns:
+    A numpy array ``(*k, channels, C_out)`` (float32 or wider for floating kernels).
+  """
+  kernel = np.asarray(jax.device_get(kernel))
+  if kernel.ndim < 2:
+    raise ValueError(f"kernel must have an input-channel axis (-2); got shape {kernel.shape}")
+  c = kernel.shape[-2]
+  if channels < c:
+    raise ValueError(f"tile only adds input channels: {channels} < {c} (shape {kernel.shape})")
+  tiled = np.take(kernel, np.arange(channels) % c, axis=-2)
+  return tiled.astype(np.promote_types(kernel.dtype, np.float32)) * (c / channels)
+
+
+def _plan(flat_pre: dict, flat_fresh: dict, *, replace, tile, drop, rename, strict: bool):
   """`TransferPlan` and the list of problems (empty when the transfer is possible)."""
   replace_p = _patterns(replace, "replace")
+  tile_p = _patterns(tile, "tile")
   drop_p = _patterns(drop, "drop")
   rules = _rules(rename)
-  sources, used, problems = {}, set(), []
+  sources, used, problems, tiled = {}, set(), [], []
   replace_hits = [0] * len(replace_p)
+  tile_hits = [0] * len(tile_p)
   rename_hits = [0] * len(rules)
   for path, value in flat_fresh.items():
     hits = [i for i, p in enumerate(replace_p) if _fullmatch(p, path)]
     for i in hits:
       replace_hits[i] += 1
+    tile_hit = [i for i, p in enumerate(tile_p) if _fullmatch(p, path)]
+    for i in tile_hit:
+      tile_hits[i] += 1
+    if hits and tile_hit:
+      problems.append(f"{path}: matched by both replace ({replace_p[hits[0]].pattern!r}) and "
+                      f"tile ({tile_p[tile_hit[0]].pattern!r}); keep it fresh or tile it, "
+                      "not both")
+      used.add(_source(path, rules)[0])  # reported here, not again as unused
+      continue
     if hits:
       sources[path] = None
       if isinstance(value, jax.ShapeDtypeStruct):
@@ -215,11 +273,18 @@ def _plan(flat_pre: dict, flat_fresh: dict, *, replace, drop, rename, strict: bo
     if source not in flat_pre:
       problems.append(f"{path}: missing from the pre-trained variables{via}")
       continue
-    if _shape(flat_pre[source]) != _shape(value):
+    pre_shape, shape = _shape(flat_pre[source]), _shape(value)
+    if pre_shape != shape:
       used.add(source)  # reported here, not again as unused
-      problems.append(f"{path}: pre-trained shape {_shape(flat_pre[source])}{via} != model "
-                      f"shape {_shape(value)}")
-      continue
+      if not tile_hit:
+        problems.append(f"{path}: pre-trained shape {pre_shape}{via} != model shape {shape}")
+        continue
+      why = _tile_problem(pre_shape, shape)
+      if why is not None:
+        problems.append(f"{path}: pre-trained shape {pre_shape}{via} != model shape {shape}; "
+                        f"{why}")
+        continue
+      tiled.append(path)
     sources[path] = source
     used.add(source)
   dropped, unused = [], []
@@ -234,6 +299,7 @@ def _plan(flat_pre: dict, flat_fresh: dict, *, replace, drop, rename, strict: bo
     problems.append(f"{len(unused)} pre-trained variable(s) used by no model variable (allow "
                     "them with drop=... or strict=False): " + ", ".join(unused))
   for argument, patterns, counts in (("replace", replace_p, replace_hits),
+                                     ("tile", tile_p, tile_hits),
                                      ("rename", [r[0] for r in rules], rename_hits)):
     for p, n in zip(patterns, counts):
       if not n:
@@ -244,16 +310,17 @@ def _plan(flat_pre: dict, flat_fresh: dict, *, replace, drop, rename, strict: bo
       logging.warning("drop pattern %r matches no pre-trained variable (paths look like %s)",
                       p.pattern, list(flat_pre)[:3])
   plan = TransferPlan(sources=sources, dropped=tuple(dropped),
-                      unused=tuple(unused) if not strict else ())
+                      unused=tuple(unused) if not strict else (), tiled=tuple(tiled))
   return plan, problems
 
 
 def plan_transfer(pretrained: Mapping[str, Any], fresh: Mapping[str, Any], *,
-                  replace: Iterable[str] = (), drop: Iterable[str] = (),
-                  rename: Iterable[tuple[str, str]] = (), strict: bool = True) -> TransferPlan:
+                  replace: Iterable[str] = (), tile: Iterable[str] = (),
+                  drop: Iterable[str] = (), rename: Iterable[tuple[str, str]] = (),
+                  strict: bool = True) -> TransferPlan:
   """What :func:`transfer` would do, without copying anything; same arguments and errors."""
   plan, problems = _plan(flatten(pretrained, name="pretrained"), flatten(fresh, name="fresh"),
-                         replace=replace, drop=drop, rename=rename, strict=strict)
+                         replace=replace, tile=tile, drop=drop, rename=rename, strict=strict)
   if problems:
     raise ValueError(f"cannot initialise from the pre-trained variables, {len(problems)} "
                      "problem(s):\n  " + "\n  ".join(problems))
@@ -261,7 +328,7 @@ def plan_transfer(pretrained: Mapping[str, Any], fresh: Mapping[str, Any], *,
 
 
 def transfer(pretrained: Mapping[str, Any], fresh: Mapping[str, Any], *,
-             replace: Iterable[str] = (), drop: Iterable[str] = (),
+             replace: Iterable[str] = (), tile: Iterable[str] = (), drop: Iterable[str] = (),
              rename: Iterable[tuple[str, str]] = (), strict: bool = True,
              return_plan: bool = False):
   """``fresh`` variables with every leaf not matched by ``replace`` copied from ``pretrained``.
@@ -275,6 +342,14 @@ def transfer(pretrained: Mapping[str, Any], fresh: Mapping[str, Any], *,
       structure, shapes and dtypes. Leaves that are copied may be ``jax.ShapeDtypeStruct`` s.
     replace: patterns of fresh leaves kept fresh (new input / output layers, a new head). A
       pretrained leaf matching one of them is dropped (the layer it fed is being replaced).
+    tile: patterns of kernels ``(*k, C_in, C_out)`` whose number of input channels (axis -2)
+      may differ, e.g. the input convolution of a model for more modalities. Where the
+      pretrained kernel has ``C`` input channels and the fresh one ``C_in >= C`` (all other axes
+      equal), the value is the pretrained kernel tiled over axis -2 (channel ``c`` takes channel
+      ``c % C``) times ``C / C_in`` (:func:`tile_input_channels`), so an input whose channels
+      are all equal gives the pretrained activation (exactly when ``C_in`` is a multiple of
+      ``C``). Leaves of equal shapes are copied. A leaf may not match both ``replace`` and
+      ``tile``.
     drop: patterns of pretrained leaves that may stay unused (a projection head, a
       discriminator).
     rename: ``(regex, replacement)`` pairs mapping a fresh path to the pretrained path it is
@@ -288,26 +363,32 @@ def transfer(pretrained: Mapping[str, Any], fresh: Mapping[str, Any], *,
 
   Returns:
     New variables (nested dicts of numpy arrays in the fresh dtypes): replaced leaves are the
-    fresh values, all others the pretrained values; with ``return_plan`` ``(variables, plan)``.
+    fresh values, tiled leaves the tiled pretrained kernels, all others the pretrained values;
+    with ``return_plan`` ``(variables, plan)``.
 
   Raises:
     ValueError: listing every problem at once: fresh leaves missing from ``pretrained`` or of
-    another shape, kept-fresh leaves given only as shapes, and (strict) unused pretrained
-    leaves. TypeError / ValueError: malformed variables or patterns (naming the argument).
+    another shape (for ``tile`` leaves: differing in another axis than -2, or with fewer input
+    channels), leaves matching both ``replace`` and ``tile``, kept-fresh leaves given only as
+    shapes, and (strict) unused pretrained leaves. TypeError / ValueError: malformed variables
+    or patterns (naming the argument).
   """
   flat_pre = flatten(pretrained, name="pretrained")
   flat_fresh = flatten(fresh, name="fresh")
-  plan, problems = _plan(flat_pre, flat_fresh, replace=replace, drop=drop, rename=rename,
-                         strict=strict)
+  plan, problems = _plan(flat_pre, flat_fresh, replace=replace, tile=tile, drop=drop,
+                         rename=rename, strict=strict)
   if problems:
     raise ValueError(f"cannot initialise from the pre-trained variables, {len(problems)} "
                      "problem(s):\n  " + "\n  ".join(problems))
   out = {}
+  tiled = set(plan.tiled)
   for path, value in flat_fresh.items():
     source = plan.sources[path]
     dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
     if source is None:
       out[path] = np.asarray(value)
+    elif path in tiled:
+      out[path] = tile_input_channels(flat_pre[source], _shape(value)[-2]).astype(dtype)
     else:
       out[path] = np.asarray(jax.device_get(flat_pre[source])).astype(dtype, copy=False)
   variables = unflatten(out)
@@ -457,8 +538,9 @@ def initializer(spec, *, template: Any = None, pretrained: Mapping[str, Any] | N
   into the fresh ones (:func:`transfer`), logging the plan's counts.
 
   Args:
-    spec: as :func:`load_pretrained`; may also hold the transfer fields ``replace``, ``drop``,
-      ``rename`` and ``strict`` (so one config section describes the whole initialisation).
+    spec: as :func:`load_pretrained`; may also hold the transfer fields ``replace``,
+      ``tile``, ``drop``, ``rename`` and ``strict`` (so one config section describes the whole
+      initialisation).
     template: for PyTorch files, the template of the converted model; default the fresh
       variables themselves (right for a file of the same architecture, without ``prefix``).
     pretrained: variables already in memory (e.g. a run of the same process): used instead of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -48,6 +49,8 @@ SPATIAL = {name: _jit(fn) for name, fn in SPATIAL_FNS.items()}
 INTENSITY = {
     "gamma": _jit(lambda k, x: T.random_gamma(k, x)),
     "noise": _jit(lambda k, x: T.gaussian_noise(k, x)),
+    "scale": _jit(lambda k, x: T.random_scale_intensity(k, x)),
+    "shift": _jit(lambda k, x: T.random_shift_intensity(k, x)),
 }
 AFFINE = _jit(T.affine_transform)
 
@@ -436,6 +439,91 @@ def test_intensity_p_gate_under_vmap():
   for outs in both(keys):
     same = [np.array_equal(o, x) for o in np.asarray(outs)]
     assert 0 < sum(same) < 32
+
+
+# --------------------------------------------------------------------------------------------
+# Intensity scale and shift (MONAI RandScaleIntensity / RandShiftIntensity).
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3), (3, 4, 5, 2)], ids=["2d", "3d"])
+def test_scale_and_shift_intensity_use_one_u_for_all_channels(shape):
+  x = _image(shape)
+  keys = _keys(64, seed=2)
+  fn = _jit(jax.vmap(lambda k: (T.random_scale_intensity(k, x, factor=0.2),
+                                T.random_shift_intensity(k, x, offset=0.3),
+                                T.random_scale_intensity(k, x, factor=0.2, p=0.5))))
+  scaled, shifted, gated = (np.asarray(a) for a in fn(keys))
+  us = scaled.reshape(64, -1)[:, 0] / x.reshape(-1)[0] - 1.0
+  vs = shifted.reshape(64, -1)[:, 0] - x.reshape(-1)[0]
+  for u, v, a, b in zip(us, vs, scaled, shifted):
+    np.testing.assert_allclose(a, x * (1.0 + u), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, x + v, rtol=0, atol=1e-5)
+  assert np.all(np.abs(us) <= 0.2 + 1e-5) and np.all(np.abs(vs) <= 0.3 + 1e-5)
+  assert us.min() < -0.1 and us.max() > 0.1 and vs.min() < -0.15 and vs.max() > 0.15
+  same = [np.array_equal(g, x) for g in gated]
+  assert 0 < sum(same) < 64
+
+
+def test_scale_and_shift_intensity_off_are_identity():
+  x = _image(SHAPE_2D)
+  k = _keys(1)[0]
+  outs = _jit(lambda k, x: (T.random_scale_intensity(k, x, factor=0.5, p=0.0),
+                            T.random_shift_intensity(k, x, offset=0.5, p=0.0),
+                            T.random_scale_intensity(k, x, factor=0.0),
+                            T.random_shift_intensity(k, x, offset=0.0)))(k, x)
+  for out in outs:
+    np.testing.assert_array_equal(out, x)
+  x16 = x.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(T.random_scale_intensity(k, x16, factor=0.0), x16)
+  assert T.random_shift_intensity(k, x16, offset=0.0).dtype == jnp.bfloat16
+
+
+def test_augment_scales_and_shifts_the_image_only():
+  images = _image((3, 6, 6, 2))
+  labels = _label(images)
+  scale = dict(intensity_scale=0.1, intensity_scale_p=1.0)
+  shift = dict(intensity_shift=0.1, intensity_shift_p=1.0)
+  k = jax.random.key(4)
+  fn = _jit(lambda k, x, y: tuple(T.Augment(flip=True, **extra).batch(k, x, y)
+                                  for extra in ({}, scale, shift, {**scale, **shift})))
+  (x0, y0), *rest = ((np.asarray(x), np.asarray(y)) for x, y in fn(k, images, labels))
+  (x1, y1), (x2, y2), (x3, y3) = rest
+  # The flips keep their randomness; the label is untouched; one u per example.
+  assert not np.array_equal(y0, labels)
+  for y in (y1, y2, y3):
+    np.testing.assert_array_equal(y, y0)
+  us = x1[:, 0, 0, 0] / x0[:, 0, 0, 0] - 1.0
+  vs = x2[:, 0, 0, 0] - x0[:, 0, 0, 0]
+  for i in range(3):
+    np.testing.assert_allclose(x1[i], x0[i] * (1.0 + us[i]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x2[i], x0[i] + vs[i], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(x3[i], x1[i] + vs[i], rtol=0, atol=1e-5)  # scale, then shift
+  assert np.all(np.abs(us) <= 0.1 + 1e-5) and np.all(np.abs(vs) <= 0.1 + 1e-5)
+  assert len(set(np.round(us, 6))) == 3 and len(set(np.round(vs, 6))) == 3
+
+
+def test_intensity_scale_and_shift_config_and_bad_values():
+  from jaxmed import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.base_config().data.augment
+  assert (cfg.intensity_scale, cfg.intensity_scale_p, cfg.intensity_shift,
+          cfg.intensity_shift_p) == (0.0, 0.1, 0.0, 0.1)
+  aug = T.Augment.from_config({k: v for k, v in cfg.items() if k != "enabled"})
+  assert aug.intensity_scale == 0.0 and aug.intensity_shift_p == 0.1
+  aug = T.Augment.from_config({"intensity_scale": 0.1, "intensity_shift": 0.1})  # MONAI BTCV
+  assert (aug.intensity_scale_p, aug.intensity_shift_p) == (0.1, 0.1)
+  for field, value in [("intensity_scale", -0.1), ("intensity_scale", "big"),
+                       ("intensity_shift", float("nan")), ("intensity_shift", -1.0),
+                       ("intensity_scale_p", 1.5), ("intensity_shift_p", -0.1),
+                       ("intensity_shift_p", "often")]:
+    with pytest.raises(ValueError, match=field):
+      T.Augment(**{field: value})
+  k = _keys(1)[0]
+  with pytest.raises(ValueError, match="factor"):
+    T.random_scale_intensity(k, _image(SHAPE_2D), factor=-0.5)
+  with pytest.raises(ValueError, match="offset"):
+    T.random_shift_intensity(k, _image(SHAPE_2D), offset=float("inf"))
+  with pytest.raises(ValueError, match="floating"):
+    T.random_shift_intensity(k, jnp.zeros(SHAPE_2D, jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,28 +132,30 @@ def test_fold_ensemble_is_the_mean_of_the_folds_probabilities():
 
 
 def test_3d_crossval_from_a_3d_pretraining_checkpoint(tmp_path):
-  """Restoration (a round-one method) pre-trains a 3D UNet on crops; 2-fold cross-validation of
-  the tissue task fine-tunes it (new input / output layers), evaluates by sliding windows and
-  ensembles the folds on the held-out subject."""
+  """Restoration (a round-one method) pre-trains a 1-channel 3D UNet on crops; 2-fold
+  cross-validation of the 4-modality tumour task fine-tunes it (input kernel tiled over the
+  channels, new output layer), evaluates by sliding windows and ensembles the folds on the
+  held-out subject."""
   shape = dict(data__num_subjects=6, data__shape=(16, 24, 20), data__num_val=1,
                data__num_test=1, data__view="crop", data__crop_size=(16, 16, 16))
-  run_config(tiny_config("restoration", total_steps=2, batch_size=4, **shape),
-             str(tmp_path / "pre"), progress=False)
+  run_config(tiny_config("restoration", total_steps=2, batch_size=4, data__modalities=("t1",),
+                         **shape), str(tmp_path / "pre"), progress=False)
   config = tiny_config("segmentation", total_steps=2, batch_size=4, eval_every=2,
-                       init__path=str(tmp_path / "pre"), data__pathology="brain_tissues",
-                       finetune__folds=2, finetune__test_best=True,
-                       data__fg_fraction=0.5, **shape)
+                       init__path=str(tmp_path / "pre"), init__replace=(r"[^/]+/output_conv/.*",),
+                       init__tile=(r"[^/]+/input_conv/.*kernel",), finetune__folds=2,
+                       finetune__test_best=True, data__fg_fraction=0.5, **shape)
   result = run_config(config, str(tmp_path / "cv"), progress=False)
-  regions = CLASS_NAMES["brain_tissues"]
+  regions = ("WT", "TC", "ET")
   assert result.regions == regions and len(result.folds) == 2
   assert len(result.out_of_fold["subjects"]) == 5  # 6 - 1 held out, each tested once
-  assert result.out_of_fold["dice"].shape == result.out_of_fold["msd"].shape == (5, 7)
-  assert result.ensemble["dice"].shape == (1, 7)
+  assert result.out_of_fold["dice"].shape == result.out_of_fold["msd"].shape == (5, 3)
+  assert result.ensemble["dice"].shape == (1, 3)
   report = (tmp_path / "cv" / "crossval.md").read_text()
   assert "2-fold cross-validation" in report and "ensemble of the 2 fold models" in report
   assert "| HD95 (mm) |" in report and "| MSD (mm) |" in report
   data = json.loads((tmp_path / "cv" / "crossval.json").read_text())
   assert data["regions"] == list(regions) and len(data["ensemble"]["dice"]) == 1
+  # The 1-channel input kernel could only be transferred into the 4-channel model tiled.
   for k in range(2):
     records = [r for r in read_metrics(str(tmp_path / "cv" / f"fold_{k}"))
                if "val/dice_mean" in r]

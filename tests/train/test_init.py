@@ -62,7 +62,7 @@ def test_transfer_keeps_exactly_what_it_is_told():
   assert plan.kinds["params/encoder/conv1/kernel"] == "pretrained"
   assert plan.kinds["params/head/bias"] == "fresh"
   assert plan.dropped == ("params/head/kernel", "params/head/bias")  # replaced -> dropped
-  assert plan.summary() == "5 copied, 2 kept fresh, 2 dropped, 0 unused"
+  assert plan.summary() == "5 copied, 0 tiled, 2 kept fresh, 2 dropped, 0 unused"
   # Full paths reach other collections; one pattern can span them.
   out = init_lib.transfer(pretrained, fresh,
                           replace=[r"batch_stats/.*", r"params/encoder/conv1/bias"])
@@ -208,6 +208,98 @@ def test_replacing_a_unets_input_and_output_layers(norm):
     init_lib.transfer(pretrained, fresh, replace=["input_conv", "output_conv"])
 
 
+def _conv_tree(seed, kernel_shape, extra=True):
+  """An input convolution ``conv`` (kernel + bias) and, with ``extra``, a block after it."""
+  spec = {"params/conv/kernel": kernel_shape, "params/conv/bias": kernel_shape[-1:]}
+  if extra:
+    spec.update({"params/block/kernel": (3,) * (len(kernel_shape) - 2) + (kernel_shape[-1], 2),
+                 "batch_stats/block/mean": (2,)})
+  return _random_tree(seed, spec)
+
+
+@pytest.mark.parametrize("pre_shape,new_shape", [
+    ((3, 3, 3, 1, 4), (3, 3, 3, 4, 4)), ((3, 3, 3, 2, 4), (3, 3, 3, 5, 4)),
+    ((3, 3, 1, 4), (3, 3, 4, 4)), ((3, 3, 2, 4), (3, 3, 5, 4))],
+                         ids=["3d-1to4", "3d-2to5", "2d-1to4", "2d-2to5"])
+def test_tile_adapts_the_input_channels(pre_shape, new_shape):
+  pretrained, fresh = _conv_tree(0, pre_shape), _conv_tree(1, new_shape)
+  fresh["params"]["conv"]["kernel"] = fresh["params"]["conv"]["kernel"].astype(np.float16)
+  out, plan = init_lib.transfer(pretrained, fresh, tile=[r"conv/kernel"], return_plan=True)
+  old, new = pre_shape[-2], new_shape[-2]
+  kernel = out["params"]["conv"]["kernel"]
+  assert kernel.shape == new_shape and kernel.dtype == np.float16
+  pre_kernel = pretrained["params"]["conv"]["kernel"]
+  for c in range(new):
+    np.testing.assert_array_equal(
+        kernel[..., c, :], (pre_kernel[..., c % old, :] * (old / new)).astype(np.float16))
+  np.testing.assert_array_equal(init_lib.tile_input_channels(pre_kernel, new).astype(np.float16),
+                                kernel)
+  # Every other leaf copied as it is.
+  flat_out, flat_pre = init_lib.flatten(out), init_lib.flatten(pretrained)
+  assert list(flat_out) == list(init_lib.flatten(fresh))
+  for path in plan.copied:
+    assert _bits(flat_out[path]) == _bits(flat_pre[path]), path
+  assert plan.tiled == ("params/conv/kernel",)
+  assert plan.sources["params/conv/kernel"] == "params/conv/kernel"
+  assert plan.kinds["params/conv/kernel"] == "tiled"
+  assert plan.kinds["params/conv/bias"] == "pretrained"
+  assert "params/conv/kernel" not in plan.copied and len(plan.copied) == 3
+  assert plan.summary() == "3 copied, 1 tiled, 0 kept fresh, 0 dropped, 0 unused"
+  # Shapes suffice for a tiled leaf; equal shapes are copied, not tiled.
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+  same = init_lib.transfer(pretrained, shapes, tile=[r"conv/kernel"])
+  np.testing.assert_array_equal(same["params"]["conv"]["kernel"], kernel)
+  out, plan = init_lib.transfer(pretrained, pretrained, tile=[r"[^/]+/.*kernel"],
+                                return_plan=True)
+  assert plan.tiled == () and plan.kinds["params/conv/kernel"] == "pretrained"
+  _check_every_leaf(out, pretrained, pretrained, set())
+
+
+@pytest.mark.parametrize("spatial", [(6, 5, 4), (6, 5)], ids=["3d", "2d"])
+def test_tiled_kernel_keeps_the_activation_of_equal_channels(spatial):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  k = (3,) * len(spatial)
+  pretrained = _conv_tree(0, (*k, 1, 3), extra=False)
+  fresh = _conv_tree(1, (*k, 4, 3), extra=False)
+  out = init_lib.transfer(pretrained, fresh, tile=[r"conv/kernel"])
+  conv = nn.Conv(features=3, kernel_size=k)
+  x = np.random.default_rng(2).normal(size=(2, *spatial, 1)).astype(np.float32)
+  expected = conv.apply({"params": pretrained["params"]["conv"]}, x)
+  got = conv.apply({"params": out["params"]["conv"]}, np.repeat(x, 4, axis=-1))
+  assert got.shape == expected.shape == (2, *spatial, 3)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_errors():
+  pretrained = _conv_tree(0, (3, 3, 2, 4))
+  for new_shape, why in [
+      ((3, 3, 4, 8), r"tile adapts only the input-channel axis \(-2\)"),
+      ((3, 3, 3, 4, 4), r"tile adapts only the input-channel axis \(-2\)"),
+      ((3, 3, 1, 4), r"tile only adds input channels \(axis -2\), and the model has fewer "
+                     r"\(1 < 2\)")]:
+    fresh = _conv_tree(1, new_shape)
+    fresh["params"]["block"] = pretrained["params"]["block"]  # only the conv differs
+    shapes = re.escape(f"params/conv/kernel: pre-trained shape (3, 3, 2, 4) != model shape "
+                       f"{new_shape}; ")
+    with pytest.raises(ValueError, match=r"1 problem\(s\):\n  " + shapes + why):
+      init_lib.transfer(pretrained, fresh, tile=[r"conv/kernel"], replace=["conv/bias"])
+  fresh = _conv_tree(1, (3, 3, 4, 4))
+  with pytest.raises(ValueError, match=r"params/conv/kernel: matched by both replace "
+                                       r"\('conv/.\*'\) and tile \('\[\^/\]\+/conv/kernel'\)"):
+    init_lib.transfer(pretrained, fresh, replace=[r"conv/.*"], tile=[r"[^/]+/conv/kernel"])
+  with pytest.raises(ValueError, match=r"1 problem\(s\)"):  # reported once
+    init_lib.plan_transfer(pretrained, _conv_tree(1, (3, 3, 2, 4)), replace=[r"conv/kernel"],
+                           tile=[r"conv/kernel"])
+  # Without tile a differing kernel stays an error.
+  with pytest.raises(ValueError, match=re.escape(
+      "params/conv/kernel: pre-trained shape (3, 3, 2, 4) != model shape (3, 3, 4, 4)") + "$"):
+    init_lib.transfer(pretrained, fresh, tile=[r"block/kernel"])
+  with pytest.raises(ValueError, match=r"tile\[0\] = '\(' is not a valid regular expression"):
+    init_lib.transfer(pretrained, fresh, tile=["("])
+  with pytest.raises(ValueError, match=r"tile only adds input channels: 1 < 2"):
+    init_lib.tile_input_channels(pretrained["params"]["conv"]["kernel"], 1)
+
+
 def _state(params, model_state) -> TrainState:
   """A train state holding ``params`` / ``model_state`` (other fields tiny or None)."""
   values = dict(step=jnp.int32(1), params=params, model_state=model_state,
@@ -254,6 +346,37 @@ def test_load_pretrained_from_an_orbax_run(tmp_path):
     init_lib.load_pretrained({"path": str(tmp_path / "run"), "stpe": 1})
   with pytest.raises(FileNotFoundError, match="pre-trained weights not found: .*nowhere"):
     init_lib.load_pretrained({"path": str(tmp_path / "nowhere")})
+
+
+def test_initializer_tiles_with_a_base_config_spec(tmp_path, caplog):
+  from jaxmed.config import base_config  # pylint: disable=g-import-not-at-top
+  pretrained = _conv_tree(0, (3, 3, 3, 1, 4))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
+  ckpt.save(1, _state(pretrained["params"], {"batch_stats": pretrained["batch_stats"]}))
+  ckpt.close()
+  spec = base_config().init
+  assert tuple(spec.tile) == ()
+  spec.path = str(tmp_path / "run")
+  spec.tile = (r"[^/]+/conv/kernel",)
+  fresh = _conv_tree(1, (3, 3, 3, 4, 4))
+  with caplog.at_level("INFO"):
+    out = init_lib.initializer(spec)(fresh)
+  assert "3 copied, 1 tiled, 0 kept fresh, 0 dropped, 0 unused" in caplog.text
+  expected = init_lib.transfer(pretrained, fresh, tile=[r"conv/kernel"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), out, expected)
+  np.testing.assert_allclose(out["params"]["conv"]["kernel"],
+                             np.repeat(pretrained["params"]["conv"]["kernel"], 4, -2) / 4)
+  # The same spec in memory; the base spec's empty tile makes the channel change an error.
+  out = init_lib.initializer(spec, pretrained=pretrained)(fresh)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), out, expected)
+  spec.tile = ()
+  with pytest.raises(ValueError, match=r"params/conv/kernel: pre-trained shape \(3, 3, 3, 1, "
+                                       r"4\) != model shape \(3, 3, 3, 4, 4\)"):
+    init_lib.initializer(spec, pretrained=pretrained)(fresh)
+  spec.replace = (r"conv/kernel",)
+  spec.tile = (r"conv/kernel",)
+  with pytest.raises(ValueError, match="matched by both replace"):
+    init_lib.initializer(spec, pretrained=pretrained)(fresh)
 
 
 def test_load_pretrained_converts_a_torch_file(tmp_path):
