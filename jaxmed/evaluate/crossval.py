@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxmed.data import datasets
-from jaxmed.evaluate import evaluators, finetune as finetune_lib
+from jaxmed.evaluate import compare, evaluators, finetune as finetune_lib
 from jaxmed.metrics import average_surface_distance, dice, hausdorff_distance
 from jaxmed.methods.segmentation import SegmentationMethod
 
@@ -192,3 +192,28 @@ def write_report(result: CrossValResult, workdir: str) -> None:
                           f"ensemble of the {len(result.folds)} fold models, held-out subjects"))
   with open(os.path.join(workdir, "crossval.md"), "w") as f:
     f.write("\n\n".join(parts) + "\n")
+
+
+def compare_runs(runs: dict[str, str], *, baseline: str, metric: str = "dice",
+                 part: str = "out_of_fold", alpha: float = 0.05) -> str:
+  """Markdown table comparing cross-validation runs (``{row name: workdir}``, each with a
+  ``crossval.json`` of the same subjects): ``mean (std)`` of ``metric`` ("dice", "hd95",
+  "msd") per region over the subjects of ``part`` ("out_of_fold" or "ensemble"), with paired
+  two-sided t-tests against ``baseline`` (`jaxmed.evaluate.compare.significance_table`; pairs
+  with a nan or inf value are dropped)."""
+  if metric not in ("dice", "hd95", "msd"):
+    raise ValueError(f"metric must be 'dice', 'hd95' or 'msd'; got {metric!r}")
+  scores, regions, subjects = {}, None, None
+  for name, workdir in runs.items():
+    with open(os.path.join(workdir, "crossval.json")) as f:
+      data = json.load(f)
+    table = data[part]
+    if table is None:
+      raise ValueError(f"run {name!r} ({workdir}) has no {part!r} results")
+    if subjects is not None and (table["subjects"] != subjects or data["regions"] != regions):
+      raise ValueError(f"run {name!r} was tested on other subjects or regions than the first "
+                       f"run; paired tests need the same ones")
+    regions, subjects = data["regions"], table["subjects"]
+    values = np.array(table[metric], dtype=np.float64)  # None (nan / inf) -> nan
+    scores[name] = np.where(np.isfinite(values), values, np.nan)
+  return compare.significance_table(scores, regions, baseline=baseline, alpha=alpha)

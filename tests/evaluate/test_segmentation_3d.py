@@ -160,3 +160,19 @@ def test_3d_crossval_from_a_3d_pretraining_checkpoint(tmp_path):
     records = [r for r in read_metrics(str(tmp_path / "cv" / f"fold_{k}"))
                if "val/dice_mean" in r]
     assert records and all(np.isfinite(r["val/dice_mean"]) for r in records)
+
+
+def test_compare_runs_pairs_the_subjects_of_crossval_runs(tmp_path):
+  rng = np.random.default_rng(5)
+  base = rng.uniform(0.3, 0.6, (6, 2))
+  for name, dice in (("scratch", base), ("pretrained", base + 0.2 + rng.normal(0, 0.01, (6, 2)))):
+    table = {"subjects": [f"s{i}" for i in range(6)], "dice": dice,
+             "hd95": np.full((6, 2), np.inf), "msd": np.ones((6, 2))}
+    crossval.write_report(crossval.CrossValResult(("a", "b"), [table], table, None),
+                          str(tmp_path / name))
+  runs = {"scratch": str(tmp_path / "scratch"), "pretrained": str(tmp_path / "pretrained")}
+  out = crossval.compare_runs(runs, baseline="scratch")
+  assert out.splitlines()[0] == "| method | a | b |"
+  assert "| pretrained | **" in out and ")*" in out  # significantly better than the baseline
+  with pytest.raises(ValueError, match="no 'ensemble' results"):
+    crossval.compare_runs(runs, baseline="scratch", part="ensemble")
