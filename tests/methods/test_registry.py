@@ -12,7 +12,8 @@ from jaxmed.data import datasets, synthetic
 from jaxmed.methods import METHODS, get_method
 
 EXPECTED = {"context_prediction": "context_prediction", "finetune": "segmentation",
-            "reconstruction": "reconstruction", "restoration": "restoration", "si": "si"}
+            "reconstruction": "reconstruction", "restoration": "restoration",
+            "seg3d": "segmentation", "si": "si"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -81,3 +82,13 @@ def test_model_name_and_arguments_are_checked_by_the_registry():
   config = config_for("context_prediction", {"model.name": "unet"})  # SSFD fields on a UNet
   with pytest.raises(ValueError, match="chans"):
     get_method(config)
+
+
+def test_seg3d_config_choices():
+  tissues = load_config("seg3d:target=tissues,input=tile")
+  assert tissues.data.pathology == "brain_tissues" and tissues.data.modalities == ("t1",)
+  assert tissues.init.tile and tissues.init.replace == (r"[^/]+/output_conv/.*",)
+  assert tissues.data.view == "crop" and tissues.finetune.folds == 5
+  for bad in ("target=organs", "input=copy"):
+    with pytest.raises(ValueError, match=bad.split("=")[0]):
+      load_config(f"seg3d:{bad}")
