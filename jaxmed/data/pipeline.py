@@ -32,7 +32,7 @@ def _check_count(value, name: str, minimum: int) -> int:
 def train_iterator(data, *, global_batch_size: int, seed: int,
                    process_index: int | None = None, process_count: int | None = None,
                    transform: ExampleTransform | None = None, read_threads: int = 4,
-                   prefetch: int = 2):
+                   prefetch: int = 4):
   """Endless iterator of this process's share of each global batch.
 
   Each process reads a disjoint, strided shard of the rows (pass ``process_count=1`` for a
@@ -52,8 +52,8 @@ def train_iterator(data, *, global_batch_size: int, seed: int,
     process_index, process_count: this process's shard (default: jax's).
     transform: see above.
     read_threads: grain threads reading and transforming batches in parallel.
-    prefetch: batches read ahead (the input memory is about ``prefetch + read_threads``
-      batches).
+    prefetch: batches read ahead, >= ``read_threads`` to keep every thread busy (the input
+      memory is about ``prefetch + read_threads`` batches).
 
   Returns:
     a `grain.DatasetIterator` of dicts of ``(local_batch, ...)`` numpy arrays, with
