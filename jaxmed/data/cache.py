@@ -43,7 +43,7 @@ from absl import logging
 
 from jaxmed.data import nifti, resample
 from jaxmed.data.sources import SubjectInfo, subject_info
-from jaxmed.data.subject import Subject
+from jaxmed.data.subject import Subject, select_modalities
 
 CACHE_VERSION = 1
 NORMALIZATIONS = ("zscore", "window", "none")
@@ -212,13 +212,12 @@ class NiftiReader:
     return nifti.read_case(self.root / case, normalize=False, shape=None, **self.kwargs)
 
 
-def _prepared_source(name: str, split: str, data_dir, config, manual_dir):
-  """`jaxmed.data.tfds.data_source`, preparing the dataset from ``manual_dir`` first when given
-  (a prepared dataset is reused)."""
-  from jaxmed.data import tfds as jtfds  # pylint: disable=g-import-not-at-top
+def _prepare(name: str, data_dir, config, manual_dir) -> None:
+  """Prepares TFDS dataset ``name`` from the official layout in ``manual_dir`` when given (a
+  prepared dataset is reused)."""
   if manual_dir:
+    from jaxmed.data import tfds as jtfds  # pylint: disable=g-import-not-at-top
     jtfds.prepare(name, manual_dir=manual_dir, data_dir=data_dir, config=config)
-  return jtfds.data_source(name, split, data_dir=data_dir, config=config)
 
 
 class TfdsReader:
@@ -229,7 +228,7 @@ class TfdsReader:
   def __init__(self, name: str, split: str, *, data_dir, config: str | None = None,
                modalities: Sequence[str] | None = None, manual_dir=None):
     from jaxmed.data.tfds import volumes  # pylint: disable=g-import-not-at-top
-    _prepared_source(name, split, data_dir, config, manual_dir)
+    _prepare(name, data_dir, config, manual_dir)
     self.subjects = volumes.subjects_from_source(name, split, data_dir=data_dir, config=config)
     available = self.subjects.modalities
     self.modalities = tuple(modalities) if modalities else available
@@ -237,7 +236,6 @@ class TfdsReader:
     if missing:
       raise ValueError(f"data.modalities {missing} not in TFDS dataset {name!r} modalities "
                        f"{available}")
-    self._channels = [available.index(m) for m in self.modalities]
     self.case_ids = [f"{i:06d}" for i in range(len(self.subjects))]
     self.name = f"{name}{'-' + config if config else ''}-{split}"
     self._identity = {"reader": "tfds", "name": name, "split": split, "config": config,
@@ -251,10 +249,7 @@ class TfdsReader:
     return [case]
 
   def read(self, case: str) -> Subject:
-    subject = self.subjects[int(case)]
-    return Subject(subject.subject_id, subject.image[..., self._channels], subject.label,
-                   self.modalities, subject.spacing, subject.brain_mask, subject.grade,
-                   subject.pathology)
+    return select_modalities(self.subjects[int(case)], self.modalities)
 
 
 class FastmriReader:
@@ -268,7 +263,9 @@ class FastmriReader:
   modalities = ("magnitude",)
 
   def __init__(self, split: str, *, data_dir, manual_dir=None):
-    self.source = _prepared_source("fastmri", split, data_dir, None, manual_dir)
+    from jaxmed.data import tfds as jtfds  # pylint: disable=g-import-not-at-top
+    _prepare("fastmri", data_dir, None, manual_dir)
+    self.source = jtfds.data_source("fastmri", split, data_dir=data_dir)
     self._start = {}
     index = 0
     while index < len(self.source):  # records are in file order: one read per file

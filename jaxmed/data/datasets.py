@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxmed.data import cache, sources, synthetic
-from jaxmed.data.subject import Subject
+from jaxmed.data.subject import Subject, select_modalities
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("synthetic", "nifti", "tfds")
@@ -85,19 +85,6 @@ def resolve_source(cfg) -> str:
   if source not in SOURCES:
     raise ValueError(f"data.source must be 'auto' or one of {SOURCES}; got {source!r}")
   return source
-
-
-def select_modalities(subject: Subject, modalities: tuple[str, ...]) -> Subject:
-  """The subject with only the named channels, in the given order."""
-  if tuple(subject.modalities) == modalities:
-    return subject
-  missing = [m for m in modalities if m not in subject.modalities]
-  if missing:
-    raise ValueError(f"data.modalities {missing} not in subject {subject.subject_id} "
-                     f"modalities {subject.modalities}")
-  index = [subject.modalities.index(m) for m in modalities]
-  return Subject(subject.subject_id, subject.image[..., index], subject.label, modalities,
-                 subject.spacing, subject.brain_mask, subject.grade, subject.pathology)
 
 
 def split_subjects(subjects, *, num_val: int, num_test: int, seed: int) -> dict[str, list]:

@@ -78,6 +78,19 @@ class Subject:
     return label_regions(self.label, self.pathology)
 
 
+def select_modalities(subject: Subject, modalities: tuple[str, ...]) -> Subject:
+  """The subject with only the named channels, in the given order."""
+  if tuple(subject.modalities) == modalities:
+    return subject
+  missing = [m for m in modalities if m not in subject.modalities]
+  if missing:
+    raise ValueError(f"data.modalities {missing} not in subject {subject.subject_id} "
+                     f"modalities {subject.modalities}")
+  index = [subject.modalities.index(m) for m in modalities]
+  return Subject(subject.subject_id, subject.image[..., index], subject.label, modalities,
+                 subject.spacing, subject.brain_mask, subject.grade, subject.pathology)
+
+
 def brats_regions(label):
   """BraTS label map ``(...)`` -> ``(..., 3)`` bool regions WT (1|2|4), TC (1|4), ET (4).
 

@@ -52,6 +52,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxmed.data import mri
+
 # Split name -> folder names under manual_dir, first existing one wins.
 SPLIT_FOLDERS = {
     "train": ("singlecoil_train",),
@@ -110,9 +112,7 @@ def zero_filled(kspace: np.ndarray,
   if len(shape) != 2 or not (0 < shape[0] <= height and 0 < shape[1] <= width):
     raise ValueError(f"crop shape {shape} must be 2 positive sizes no larger than the k-space "
                      f"size {(height, width)}")
-  axes = (-2, -1)
-  image = np.fft.fftshift(
-      np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), axes=axes, norm="ortho"), axes=axes)
+  image = np.asarray(mri.ifft2c(kspace))
   top, left = (height - shape[0]) // 2, (width - shape[1]) // 2
   return np.abs(image[..., top:top + shape[0], left:left + shape[1]]).astype(np.float32)
 
