@@ -115,6 +115,37 @@ def method_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
+def set_model(config: ml_collections.ConfigDict, name: str, **fields) -> ml_collections.ConfigDict:
+  """Replaces ``config.model`` with registered model ``name``'s section: its optional arguments
+  at their defaults (`jaxmed.models.registry.model_defaults`), ``fields`` over them, less the
+  arguments the method derives itself (``Method.derived_model_fields``: e.g. a UNet method's
+  ``out_channels`` and ``spatial_dims``). The section is locked like the rest, so a field the
+  model does not have is an error here, not when the model is built.
+
+      config = method_config("segmentation")
+      set_model(config, "swin_unetr", feature_size=12)   # Swin-UNETR instead of the UNet
+
+  Returns ``config`` (changed in place).
+  """
+  # pylint: disable=g-import-not-at-top
+  from jaxmed import methods
+  from jaxmed.models.registry import model_arguments, model_defaults
+  # pylint: enable=g-import-not-at-top
+  derived = set(getattr(methods.METHODS.get(config.get("method", "")), "derived_model_fields",
+                        ()))
+  known = set(model_arguments(name)) - derived
+  unknown = sorted(set(fields) - known - {"name"})
+  if unknown:
+    raise ValueError(f"set_model: model {name!r} has no field(s) {unknown} a config sets "
+                     f"(derived by the method: {sorted(derived)}); its fields: {sorted(known)}")
+  section = {k: v for k, v in model_defaults(name).items() if k not in derived}
+  section.update({k: v for k, v in fields.items() if k != "name"})
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict({"name": name, **section})
+  config.lock()
+  return config
+
+
 def _update(node, fields: dict, where: str) -> None:
   for key, value in fields.items():
     if key not in node:

@@ -10,7 +10,9 @@ reports what is missing or left over. Nothing is dropped silently:
   template's value is kept, which then must be a real array, e.g. from ``model.init``);
 * a checkpoint key that no leaf asked for is *unused* (an error when ``strict``, unless it
   matches one of the ``ignore`` patterns; always reported in :class:`Converted`);
-* a shape mismatch is always an error, listing every offending key.
+* a shape mismatch is an error, listing every offending key, except for the leaves a caller
+  is about to adapt (:func:`keep_checkpoint_shapes`: e.g. a new output layer, an input kernel
+  tiled over more channels), which keep the checkpoint's shape.
 
 Default transforms by Flax leaf name (override them in the rule for anything else):
 
@@ -29,9 +31,12 @@ anything else      same name              none
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fnmatch
 import os
+import re
 import zipfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -251,6 +256,27 @@ def _limited(items: Sequence[str], n: int = 30) -> str:
   return ", ".join(items[:n]) + more
 
 
+_KEEP_SHAPES: contextvars.ContextVar[tuple[re.Pattern, ...]] = contextvars.ContextVar(
+    "keep_checkpoint_shapes", default=())
+
+
+@contextlib.contextmanager
+def keep_checkpoint_shapes(patterns: Iterable[str]):
+  """Within the block, :func:`convert` gives the Flax leaves whose path (``params/out/kernel``)
+  fully matches one of the regular expressions ``patterns`` the checkpoint's own shape (after
+  the layout transform, same rank) instead of reporting a shape mismatch.
+
+  For loading into a model that adapts those leaves next (`jaxmed.train.init.transfer`'s
+  ``replace`` and ``tile``): a 14-class output layer converted for a 3-class model, a 1-channel
+  input kernel for a 4-channel one. Every other leaf is checked as usual.
+  """
+  token = _KEEP_SHAPES.set(tuple(re.compile(p) for p in patterns))
+  try:
+    yield
+  finally:
+    _KEEP_SHAPES.reset(token)
+
+
 def convert(state_dict: Mapping[str, Any], template: Any, rule: Rule, *, strict: bool = True,
             ignore: Iterable[str] = (), name: str = "checkpoint") -> Converted:
   """Fills a Flax variable template from a PyTorch state dict, checking every key and shape.
@@ -270,8 +296,9 @@ def convert(state_dict: Mapping[str, Any], template: Any, rule: Rule, *, strict:
     :class:`Converted`.
 
   Raises:
-    ValueError: listing every shape mismatch; when ``strict``, every missing leaf and unused
-    key; when not strict, a missing leaf whose template value is only a shape.
+    ValueError: listing every shape mismatch (outside :func:`keep_checkpoint_shapes`); when
+    ``strict``, every missing leaf and unused key; when not strict, a missing leaf whose
+    template value is only a shape.
   """
   state = {str(k): v for k, v in state_dict.items()}
   ignore = tuple(ignore)
@@ -304,7 +331,9 @@ def convert(state_dict: Mapping[str, Any], template: Any, rule: Rule, *, strict:
                           f"transposed to the Flax layout, expected {tuple(leaf.shape)}")
         values.append(None)
         continue
-    if tuple(value.shape) != tuple(leaf.shape):
+    if tuple(value.shape) != tuple(leaf.shape) and not (
+        value.ndim == len(leaf.shape)
+        and any(p.fullmatch(flax_name) for p in _KEEP_SHAPES.get())):
       mismatched.append(f"{target} {tuple(np.shape(state[target]))} -> {flax_name} "
                         f"{tuple(value.shape)}, expected {tuple(leaf.shape)}")
       values.append(None)

@@ -50,6 +50,9 @@ class Method(abc.ABC):
   """
 
   name: str = ""
+  # Model arguments `model_arguments` sets (left out of the ``model`` section by
+  # `jaxmed.config.set_model`).
+  derived_model_fields: tuple[str, ...] = ()
 
   def __init__(self, config):
     self.config = config

@@ -69,6 +69,8 @@ class ContextPredictionMethod(Method):
             "optim": dict(name="adam", schedule="constant", lr=1e-3, weight_decay=0.0),
             "data": dict(modalities=("t2",), shape=(32, 128, 128))}
 
+  derived_model_fields = ("out_channels",)
+
   def model_arguments(self):
     return {"out_channels": len(self.config.data.modalities)}
 

@@ -74,8 +74,32 @@ FINETUNE = dict(
     roi_size=(), overlap=0.5, window_mode="constant", window_batch=4, tta=False)
 
 
+# ``config.init`` patterns of each dense backbone's layers that read the image channels and of its
+# output layer (variable paths such as ``params/input_conv/conv/kernel``).
+INPUT_LAYERS = {"unet": r"[^/]+/input_conv/.*",
+                "swin_unetr": r"[^/]+/(swinViT/patch_embed/proj|encoder1/layer/conv[13])/.*"}
+OUTPUT_LAYERS = {"unet": r"[^/]+/output_conv/.*", "swin_unetr": r"[^/]+/out/.*"}
+
+
+def transfer_layers(model: str, input_layer: str = "new") -> dict[str, tuple[str, ...]]:
+  """``{"replace": ..., "tile": ...}`` for ``config.init`` when fine-tuning a pre-trained
+  ``model`` ("unet" | "swin_unetr") for segmentation: the output layer is always new; the
+  layers reading the image are new (``input_layer="new"``; source_identification Sec. 5.4) or
+  their kernels are tiled over the channels when the count differs (``"tile"``,
+  `jaxmed.train.init.tile_input_channels`; other layers of the same blocks are transferred)."""
+  if model not in INPUT_LAYERS:
+    raise ValueError(f"transfer_layers: model must be one of {sorted(INPUT_LAYERS)}; got "
+                     f"{model!r}")
+  if input_layer == "new":
+    return {"replace": (INPUT_LAYERS[model], OUTPUT_LAYERS[model]), "tile": ()}
+  if input_layer == "tile":
+    return {"replace": (OUTPUT_LAYERS[model],), "tile": (INPUT_LAYERS[model][:-2] + "(.*/)?kernel",)}
+  raise ValueError(f"transfer_layers: input_layer must be 'new' or 'tile'; got {input_layer!r}")
+
+
 class SegmentationMethod(UNetMethod, Method):
-  """Config: ``model`` (UNet fields), ``data.pathology`` (regions or classes, see the module
+  """Config: ``model`` (UNet fields by default; Swin-UNETR's after
+  ``jaxmed.config.set_model(config, "swin_unetr")``), ``data.pathology`` (regions or classes, see the module
   docstring), ``data.view`` ("slice": 2D, "crop" / "volume": 3D), ``finetune`` (mixup, the
   evaluation windows)."""
 
@@ -94,7 +118,7 @@ class SegmentationMethod(UNetMethod, Method):
   def default_config(cls):
     # Sec. 5.4: the pre-trained input and output layers are replaced (in every collection).
     return {"model": UNET_MODEL, "finetune": FINETUNE,
-            "init": dict(replace=(r"[^/]+/input_conv/.*", r"[^/]+/output_conv/.*")),
+            "init": dict(replace=transfer_layers("unet")["replace"]),
             # Train on every slice of the labelled subjects (0.0) so that the model also sees
             # slices with little or no brain, as it will when evaluated on whole volumes.
             "data": dict(min_foreground=0.0)}

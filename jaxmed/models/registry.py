@@ -104,6 +104,24 @@ def _arguments(builder: Callable[..., nn.Module]) -> tuple[dict[str, bool], type
   return args, cls
 
 
+def model_defaults(name: str) -> dict[str, Any]:
+  """``{argument: default}`` of model ``name``'s optional arguments, as config values (dtypes as
+  their names, e.g. ``"float32"``); required arguments are left out."""
+  builder = _lookup(name)
+  args, cls = _arguments(builder)
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)
+              if f.name in args and not args[f.name] and f.default is not dataclasses.MISSING}
+  if builder is not cls:
+    for p in inspect.signature(builder).parameters.values():
+      if p.name in args and not args[p.name]:
+        defaults[p.name] = p.default
+  names = {v: k for k, v in DTYPES.items()}
+  for arg in _DTYPE_ARGS:
+    if arg in defaults and defaults[arg] in names:
+      defaults[arg] = names[defaults[arg]]
+  return defaults
+
+
 def model_arguments(name: str) -> tuple[str, ...]:
   """The keyword arguments :func:`build_model` accepts for model ``name``, sorted."""
   return tuple(sorted(_arguments(_lookup(name))[0]))

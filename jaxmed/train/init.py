@@ -449,7 +449,7 @@ def subtree(variables: Mapping[str, Any], prefix: str) -> dict:
   return out
 
 
-def load_pretrained(spec, *, template: Any = None) -> dict:
+def load_pretrained(spec, *, template: Any = None, adapted: Iterable[str] = ()) -> dict:
   """Flax variables of a pre-trained model: an orbax run or a converted PyTorch file.
 
   Args:
@@ -471,6 +471,9 @@ def load_pretrained(spec, *, template: Any = None) -> dict:
       None or "" leave a field unset.
     template: for files: the variables, or ``jax.eval_shape`` shapes, of the jaxmed model the
       file's weights belong to (the converter fills its structure).
+    adapted: for files: patterns of template paths whose shapes may differ from the file's
+      (the layers :func:`transfer` replaces or tiles next); they keep the file's shapes
+      (`jaxmed.interop.state_dict.keep_checkpoint_shapes`).
 
   Returns:
     ``{collection: nested dict of numpy arrays}``.
@@ -518,7 +521,8 @@ def load_pretrained(spec, *, template: Any = None) -> dict:
     kwargs = dict(spec.get("converter_kwargs") or {})
     if "name" in inspect.signature(convert).parameters and "name" not in kwargs:
       kwargs["name"] = f"checkpoint {path!r}"
-    converted = convert(state_dict, template, **kwargs)
+    with sd_lib.keep_checkpoint_shapes(adapted):
+      converted = convert(state_dict, template, **kwargs)
     variables = getattr(converted, "variables", converted)
     variables = jax.tree.map(np.asarray, dict(variables))
   elif os.path.exists(path):
@@ -558,7 +562,9 @@ def initializer(spec, *, template: Any = None, pretrained: Mapping[str, Any] | N
   def init(fresh: dict) -> dict:
     source = pretrained
     if source is None:
-      source = load_pretrained(load_spec, template=fresh if template is None else template)
+      adapted = tuple(kwargs.get("replace", ())) + tuple(kwargs.get("tile", ()))
+      source = load_pretrained(load_spec, template=fresh if template is None else template,
+                               adapted=adapted if template is None else ())
     variables, plan = transfer(source, fresh, return_plan=True, **kwargs)
     logging.info("initialised from %s: %s", load_spec.get("path"), plan.summary())
     return variables

@@ -69,3 +69,24 @@ def test_ssfd_figures_and_tables(tmp_path):
     np.testing.assert_allclose(m[f"{kind}_ssfd"][0], 0.0, atol=1e-7)
     # Every perturbation moves both metrics away from identity at its largest level.
     assert np.all(m[f"{kind}_ssim"][-1] < 0.999) and np.all(m[f"{kind}_ssfd"][-1] > 0)
+
+
+def test_seg3d_pretraining_comparison_pairs_subjects_across_orders():
+  """The pooled table pairs a subject with itself even when runs list subjects in another
+  order, and leaves out pairs with an infinite distance."""
+  module = runpy.run_path(os.path.join(EXPERIMENTS, "seg3d_pretraining.py"),
+                          run_name="jaxmed_experiment")
+  rng = np.random.default_rng(0)
+  dice = rng.uniform(0.2, 0.6, (5, 1))
+  hd = rng.uniform(1, 5, (5, 1))
+  hd[2] = np.inf
+  subjects = [f"s{i}" for i in range(5)]
+  scratch = {"subjects": subjects, "dice": dice, "hd95": hd, "msd": hd}
+  order = [4, 2, 0, 3, 1]
+  pretrained = {"subjects": [subjects[i] for i in order], "dice": dice[order] + 0.1,
+                "hd95": hd[order], "msd": hd[order] - 0.5}
+  table = module["comparison"](("WT",), [scratch], [pretrained])
+  rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines()[2:]}
+  assert rows["Dice"][4] == "+0.100" and rows["Dice"][6] == "5 |"
+  assert rows["HD95 (mm)"][4] == "+0.000" and rows["HD95 (mm)"][6] == "4 |"
+  assert rows["HD95 (mm)"][2].endswith(", 1 inf") and rows["MSD (mm)"][4] == "-0.500"

@@ -1,13 +1,16 @@
 """Every config file names a registered method that builds, and every pretext method shows its
 (input, target) pair through `pretext_example`."""
 
+import re
+
+import flax.traverse_util
 import jax
 import numpy as np
 import pytest
 
 from helpers import config_for
 
-from jaxmed.config import load_config
+from jaxmed.config import load_config, method_config, set_model
 from jaxmed.data import datasets, synthetic
 from jaxmed.methods import METHODS, get_method
 
@@ -87,8 +90,50 @@ def test_model_name_and_arguments_are_checked_by_the_registry():
 def test_seg3d_config_choices():
   tissues = load_config("seg3d:target=tissues,input=tile")
   assert tissues.data.pathology == "brain_tissues" and tissues.data.modalities == ("t1",)
-  assert tissues.init.tile and tissues.init.replace == (r"[^/]+/output_conv/.*",)
+  assert tissues.init.replace == (r"[^/]+/output_conv/.*",)
+  tile = re.compile(tissues.init.tile[0])
+  assert tile.fullmatch("params/input_conv/conv/kernel")
+  assert not tile.fullmatch("params/input_conv/norm/scale")
+  assert not tile.fullmatch("params/encoder_1/conv/kernel")
   assert tissues.data.view == "crop" and tissues.finetune.folds == 5
   for bad in ("target=organs", "input=copy"):
     with pytest.raises(ValueError, match=bad.split("=")[0]):
       load_config(f"seg3d:{bad}")
+
+
+def test_set_model_switches_the_model_section_and_checks_its_fields():
+  config = method_config("segmentation")
+  set_model(config, "swin_unetr", feature_size=12)
+  assert config.model.name == "swin_unetr" and config.model.feature_size == 12
+  assert config.model.window_size == 7 and config.model.dtype == "float32"
+  # The method derives these; the section leaves them out.
+  assert "out_channels" not in config.model and "spatial_dims" not in config.model
+  with pytest.raises(AttributeError):  # locked like the rest: no new fields
+    config.model.features = (4, 8)
+  with pytest.raises(ValueError, match=r"no field\(s\) \['features'\]"):
+    set_model(method_config("segmentation"), "swin_unetr", features=(4, 8))
+  with pytest.raises(ValueError, match=r"no field\(s\) \['out_channels'\].*derived"):
+    set_model(method_config("segmentation"), "swin_unetr", out_channels=3)
+  with pytest.raises(ValueError, match="unknown model 'swin'"):
+    set_model(method_config("segmentation"), "swin")
+
+
+def test_seg3d_swin_unetr_config_builds_a_swin_unetr_with_its_transfer_layers():
+  from jaxmed.models import SwinUNETR  # pylint: disable=g-import-not-at-top
+  config = load_config("seg3d:model=swin_unetr,input=tile,size=small")
+  assert config.model.feature_size == 12
+  method = get_method(config)
+  assert isinstance(method.model, SwinUNETR) and method.model.out_channels == 3
+  assert method.model.spatial_dims == 3
+  variables = jax.eval_shape(method.model.init, jax.random.PRNGKey(0),
+                             np.zeros((1, 32, 32, 32, 4), np.float32))
+  paths = ["/".join(k) for k in flax.traverse_util.flatten_dict(variables)]
+  tiled = [p for p in paths if re.fullmatch(config.init.tile[0], p)]
+  assert sorted(tiled) == ["params/encoder1/layer/conv1/kernel",
+                           "params/encoder1/layer/conv3/kernel",
+                           "params/swinViT/patch_embed/proj/kernel"]
+  assert sorted(p for p in paths if re.fullmatch(config.init.replace[0], p)) == [
+      "params/out/bias", "params/out/kernel"]
+  assert load_config("seg3d:model=swin_unetr").model.feature_size == 48
+  with pytest.raises(ValueError, match="model"):
+    load_config("seg3d:model=vit")
