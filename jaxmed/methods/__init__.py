@@ -2,13 +2,18 @@
 
 from jaxmed.methods.base import Method
 from jaxmed.methods.context_prediction import ContextPredictionMethod
+from jaxmed.methods.coper_synthesis import CoPerSynthesisMethod
 from jaxmed.methods.reconstruction import ReconstructionMethod
 from jaxmed.methods.restoration import RestorationMethod
 from jaxmed.methods.segmentation import SegmentationMethod
 from jaxmed.methods.si import SourceIdentificationMethod
+from jaxmed.methods.simsiam import SimSiamMethod
+from jaxmed.methods.swav import SwAVMethod
 
-METHODS = {m.name: m for m in (ContextPredictionMethod, ReconstructionMethod, RestorationMethod,
-                               SegmentationMethod, SourceIdentificationMethod)}
+METHODS = {m.name: m for m in (ContextPredictionMethod, CoPerSynthesisMethod,
+                               ReconstructionMethod, RestorationMethod,
+                               SegmentationMethod, SourceIdentificationMethod,
+                               SimSiamMethod, SwAVMethod)}
 
 
 def get_method(config) -> Method:
@@ -19,5 +24,6 @@ def get_method(config) -> Method:
   return METHODS[name](config)
 
 
-__all__ = ["METHODS", "Method", "ContextPredictionMethod", "ReconstructionMethod",
-           "RestorationMethod", "SegmentationMethod", "SourceIdentificationMethod", "get_method"]
+__all__ = ["METHODS", "Method", "CoPerSynthesisMethod", "ContextPredictionMethod",
+           "ReconstructionMethod", "RestorationMethod", "SegmentationMethod", "SimSiamMethod",
+           "SourceIdentificationMethod", "SwAVMethod", "get_method"]

@@ -1,6 +1,7 @@
 """Pure, jit-compiled metric kernels. Importing this package pulls in nothing heavier than jax."""
 
 from jaxmed.metrics.classification import accuracy, roc_auc, sensitivity_specificity
+from jaxmed.metrics.coper import coper_distance, squared_tap_differences
 from jaxmed.metrics.image import mae, mse, nmse, psnr, ssim
 from jaxmed.metrics.perceptual import ssfd, vgg_perceptual_distance
 from jaxmed.metrics.segmentation import dice
@@ -12,6 +13,7 @@ from jaxmed.metrics.surface import (average_surface_distance, distance_transform
 __all__ = [
     "accuracy",
     "average_surface_distance",
+    "coper_distance",
     "dice",
     "distance_transform_edt",
     "hausdorff_distance",
@@ -26,6 +28,7 @@ __all__ = [
     "roc_auc",
     "sensitivity_specificity",
     "spearman",
+    "squared_tap_differences",
     "ssfd",
     "ssim",
     "surface_dice",

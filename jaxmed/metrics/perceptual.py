@@ -248,18 +248,21 @@ def _check_ssfd_params(fn: str, params: Mapping, deepest: int, num_groups) -> No
                          f"block{k}/norm (pass the SSFDEncoder's num_groups)")
 
 
-def _vgg_params(fn: str, tree, names: Sequence[str]) -> dict:
-  """The ``conv{b}_{i}`` parameters the layers ``names`` need, checked; BatchNorm refused."""
+def _vgg_params(fn: str, tree, names: Sequence[str], arg: str = "vgg_params") -> dict:
+  """The ``conv{b}_{i}`` parameters the layers ``names`` need, checked; BatchNorm refused.
+
+  ``arg`` is the caller's name for ``tree`` in the error messages.
+  """
   if isinstance(tree, Mapping) and "batch_stats" in tree:
-    raise ValueError(f"{fn}: vgg_params hold batch_stats: only plain VGG16 (batch_norm=False, "
+    raise ValueError(f"{fn}: {arg} hold batch_stats: only plain VGG16 (batch_norm=False, "
                      "as Keras and torchvision vgg16) is supported, not vgg16_bn")
   params = _unwrap(tree, "params")
   if not isinstance(params, Mapping):
-    raise ValueError(f"{fn}: vgg_params must be the params of jaxmed.models.VGG16 (a mapping "
+    raise ValueError(f"{fn}: {arg} must be the params of jaxmed.models.VGG16 (a mapping "
                      f"with conv1_1, conv1_2, ...); got {type(params).__name__}")
   norms = sorted(k for k in params if str(k).startswith("bn"))
   if norms:
-    raise ValueError(f"{fn}: vgg_params hold BatchNorm layers {norms[:3]}...: only plain VGG16 "
+    raise ValueError(f"{fn}: {arg} hold BatchNorm layers {norms[:3]}...: only plain VGG16 "
                      "(batch_norm=False, as Keras and torchvision vgg16) is supported")
   needed, cin = {}, 3
   for name in names:
@@ -268,14 +271,14 @@ def _vgg_params(fn: str, tree, names: Sequence[str]) -> dict:
     conv = "conv" + name[len("relu"):]
     kernel = _leaf_shape(params, (conv, "kernel"))
     if kernel is None or _leaf_shape(params, (conv, "bias")) is None:
-      raise ValueError(f"{fn}: vgg_params lack {conv}/kernel or {conv}/bias; expected the params "
+      raise ValueError(f"{fn}: {arg} lack {conv}/kernel or {conv}/bias; expected the params "
                        f"of jaxmed.models.VGG16 (got keys {sorted(params)[:6]}...)")
     if len(kernel) != 4 or kernel[:3] != (3, 3, cin):
-      raise ValueError(f"{fn}: vgg_params {conv}/kernel must have shape (3, 3, {cin}, C) "
+      raise ValueError(f"{fn}: {arg} {conv}/kernel must have shape (3, 3, {cin}, C) "
                        f"(a VGG16 on 3-channel input); got {kernel}")
     cin = kernel[3]
     if _leaf_shape(params, (conv, "bias")) != (cin,):
-      raise ValueError(f"{fn}: vgg_params {conv}/bias must have shape ({cin},); got "
+      raise ValueError(f"{fn}: {arg} {conv}/bias must have shape ({cin},); got "
                        f"{_leaf_shape(params, (conv, 'bias'))}")
     needed[conv] = {"kernel": params[conv]["kernel"], "bias": params[conv]["bias"]}
   return needed

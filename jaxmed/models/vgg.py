@@ -86,6 +86,8 @@ class VGG16(nn.Module):
     num_classes: classifier outputs.
     head_width: hidden width of the classifier (4096 in VGG-16).
     dropout: classifier dropout rate (in train mode, needs the ``dropout`` rng).
+    width: multiplies every conv width (``max(1, int(C * width))``; 1.0 is VGG-16, 0.25 a
+      quarter-width network for CPU-sized runs); module names do not change.
     dtype: compute dtype of convs and dense layers; norms, taps and outputs are float32.
     param_dtype: parameter dtype.
 
@@ -94,8 +96,8 @@ class VGG16(nn.Module):
   * ``taps=None``: the logits ``(N, num_classes)`` with ``include_top``, else ``pool5``
     ``(N, H / 32, W / 32, 512)``; with ``return_features`` also ``{tap: array}`` for every
     name of :data:`LAYER_NAMES` (``relu{b}_*`` are ``(N, H / 2**(b-1), W / 2**(b-1), C_b)``,
-    ``pool{b}`` ``(N, H / 2**b, W / 2**b, C_b)``, ``C_b = 64, 128, 256, 512, 512``; sizes
-    rounded down by every pool).
+    ``pool{b}`` ``(N, H / 2**b, W / 2**b, C_b)``, ``C_b = 64, 128, 256, 512, 512`` times
+    ``width``; sizes rounded down by every pool).
   * ``taps=("relu1_2", "relu3_3")``: only ``{tap: array}`` for the requested taps; layers past
     the deepest one (and the classifier) are not run.
 
@@ -107,6 +109,7 @@ class VGG16(nn.Module):
   num_classes: int = 1000
   head_width: int = 4096
   dropout: float = 0.5
+  width: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -119,6 +122,8 @@ class VGG16(nn.Module):
       if self.head_width < 1:
         raise ValueError(f"head_width must be >= 1; got head_width={self.head_width}")
     check_rate(self.dropout, "dropout")
+    if not self.width > 0:
+      raise ValueError(f"width must be > 0; got width={self.width}")
     if x.ndim != 4:
       raise ValueError(f"VGG16 expects x of shape (N, H, W, C) (ndim 4); got shape {x.shape}")
     if x.shape[0] < 1 or x.shape[-1] < 1:
@@ -154,8 +159,8 @@ class VGG16(nn.Module):
         x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
         block, conv = block + 1, 1
       else:
-        x = nn.Conv(v, kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=conv_init,
+        x = nn.Conv(max(1, int(v * self.width)), kernel_size=(3, 3), padding=((1, 1), (1, 1)),
+                    dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_init,
                     bias_init=nn.initializers.zeros, name=f"conv{block}_{conv}")(x)
         x = x.astype(jnp.float32)
         if self.batch_norm:

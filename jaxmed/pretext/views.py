@@ -1,4 +1,5 @@
-"""Augmented views: random resized crops, SwAV multi-crop and SimSiam two-view pairs.
+"""Augmented views: random resized crops, SwAV multi-crop and SimSiam two-view pairs, and their
+grey-level colour jitter and random Gaussian blur (`color_jitter`, `random_gaussian_blur`).
 
 SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
 Assignments", Sec. 3.2 "multi-crop"; facebookresearch/swav `src/multicropdataset.py`) trains on
@@ -519,3 +520,151 @@ def multi_crop_from_config(cfg: Mapping[str, Any] | Any, *, augment=None) -> Cal
   if augment is not None:
     image_only(augment, fn=fn)  # type check now
   return functools.partial(multi_crop, **kw, augment=augment)
+
+
+# ----------------------------------------------------------------------------- intensity
+
+
+def _check_prob(p, name: str, fn: str) -> float:
+  try:
+    p = float(p)
+  except (TypeError, ValueError):
+    raise ValueError(f"{fn}: {name} must be a probability in [0, 1]; got {p!r}") from None
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"{fn}: {name} must be a probability in [0, 1]; got {p!r}")
+  return p
+
+
+def _check_float_batch(images, fn: str) -> Array:
+  images, _ = _check_batch(images, fn)
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f"{fn}: images must be a float array; got dtype {images.dtype}")
+  return images
+
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma), used by adjust_contrast.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+@functools.partial(jax.jit, static_argnames=("brightness", "contrast", "p", "value_range"))
+def _jitter(key, images, brightness, contrast, p, value_range):
+  lo, hi = value_range
+  n = images.shape[0]
+  per_example = (n,) + (1,) * (images.ndim - 1)
+  # One draw for the batch (fast to compile on CPU): gate, order, brightness, contrast.
+  u = jax.random.uniform(key, (4, n), jnp.float32)
+  apply, bright_first = (u[0] < p).reshape(per_example), (u[1] < 0.5).reshape(per_example)
+  b_lo, c_lo = max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast)
+  fb = (b_lo + (1.0 + brightness - b_lo) * u[2]).reshape(per_example)
+  fc = (c_lo + (1.0 + contrast - c_lo) * u[3]).reshape(per_example)
+  x = images.astype(jnp.float32)
+
+  def bright(y):
+    return jnp.clip(fb * y, lo, hi) if brightness else y
+
+  def contr(y):
+    if not contrast:
+      return y
+    grey = (jnp.tensordot(y, jnp.asarray(_LUMA, jnp.float32), axes=([-1], [0]))
+            if y.shape[-1] == 3 else jnp.mean(y, axis=-1))
+    mean = jnp.mean(grey, axis=tuple(range(1, grey.ndim))).reshape(per_example)
+    return jnp.clip(fc * y + (1.0 - fc) * mean, lo, hi)
+
+  out = jnp.where(bright_first, contr(bright(x)), bright(contr(x)))
+  return jnp.where(apply, out, x).astype(images.dtype)
+
+
+def color_jitter(key, images, *, brightness: float = 0.8, contrast: float = 0.8, p: float = 0.8,
+                 value_range=(0.0, 1.0)):
+  """torchvision ``RandomApply([ColorJitter(brightness, contrast)], p)`` on grey-level images.
+
+  SwAV's colour distortion (``src/multicropdataset.py``: ``ColorJitter(0.8, 0.8, 0.8, 0.2)``
+  applied with p 0.8) and SimSiam's (``ColorJitter(0.4, 0.4, 0.4, 0.1)``, p 0.8) reduced to
+  the two factors that change a grey image (saturation, hue and SwAV's random grayscale leave
+  an image whose channels are equal unchanged). Per example, with probability ``p``:
+  brightness ``f_b ~ U(max(0, 1 - brightness), 1 + brightness)``, ``x -> clip(f_b x)``, and
+  contrast ``f_c ~ U(max(0, 1 - contrast), 1 + contrast)``, ``x -> clip(f_c x + (1 - f_c)
+  mean(grey(x)))`` (the example's mean grey level: torchvision's luma for 3 channels, the
+  channel mean otherwise), in a random order (torchvision permutes its transforms), clipped
+  to ``value_range`` (torchvision's float images: [0, 1]).
+
+  Args:
+    key: PRNG key.
+    images: float ``(N, H, W, C)`` or ``(N, D, H, W, C)``.
+    brightness, contrast: jitter strengths, ``>= 0`` (0 disables that factor).
+    p: probability of jittering an example.
+    value_range: ``(low, high)`` clipping range of the image values.
+
+  Returns:
+    The jittered images, same shape and dtype.
+  """
+  fn = "color_jitter"
+  images = _check_float_batch(images, fn)
+  p = _check_prob(p, "p", fn)
+  strengths = []
+  for name, v in (("brightness", brightness), ("contrast", contrast)):
+    try:
+      v = float(v)
+    except (TypeError, ValueError):
+      raise ValueError(f"{fn}: {name} must be a number >= 0; got {v!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+      raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {v!r}")
+    strengths.append(v)
+  lo, hi = _pair(value_range, "value_range", fn)
+  if not lo < hi:
+    raise ValueError(f"{fn}: value_range must be (low, high) with low < high; got "
+                     f"{value_range!r}")
+  return _jitter(key, images, strengths[0], strengths[1], p, (lo, hi))
+
+
+@functools.partial(jax.jit, static_argnames=("sigma", "p", "radius"))
+def _blur(key, images, sigma, p, radius):
+  n = images.shape[0]
+  per_example = (n,) + (1,) * (images.ndim - 1)
+  u = jax.random.uniform(key, (2, n), jnp.float32)  # gate, sigma
+  s = sigma[0] + (sigma[1] - sigma[0]) * u[1]
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  w = jnp.exp(-0.5 * jnp.square(offsets[None] / s[:, None]))
+  w = w / jnp.sum(w, axis=1, keepdims=True)  # (N, 2 radius + 1)
+  x = images.astype(jnp.float32)
+  y = x
+  for axis in range(1, images.ndim - 1):
+    pad = [(0, 0)] * y.ndim
+    pad[axis] = (radius, radius)
+    yp = jnp.pad(y, pad, mode="symmetric")
+    size = y.shape[axis]
+    y = sum(w[:, i].reshape(per_example) * jax.lax.slice_in_dim(yp, i, i + size, axis=axis)
+            for i in range(2 * radius + 1))
+  return jnp.where((u[0] < p).reshape(per_example), y, x).astype(images.dtype)
+
+
+def random_gaussian_blur(key, images, *, sigma=(0.1, 2.0), p: float = 0.5,
+                         truncate: float = 4.0):
+  """SwAV / SimSiam random Gaussian blur: per example, with probability ``p``, a Gaussian
+  filter of standard deviation ``sigma ~ U(sigma)`` pixels over every spatial axis.
+
+  SwAV's ``PILRandomGaussianBlur(p=0.5, radius_min=0.1, radius_max=2.0)`` (PIL's
+  ``GaussianBlur(radius)``, whose radius is the standard deviation) and SimSiam's
+  ``GaussianBlur([0.1, 2.0])`` with p 0.5. The kernel has a static radius of
+  ``int(truncate * sigma_max + 0.5)`` pixels; edges are mirrored (``scipy.ndimage`` "reflect", as
+  `jaxmed.data.transforms.gaussian_smooth`).
+
+  Args:
+    key: PRNG key.
+    images: float ``(N, H, W, C)`` or ``(N, D, H, W, C)``.
+    sigma: ``(low, high)`` range of the standard deviation in pixels, ``0 < low <= high``.
+    p: probability of blurring an example.
+    truncate: kernel radius in units of the largest sigma.
+
+  Returns:
+    The blurred images, same shape and dtype.
+  """
+  fn = "random_gaussian_blur"
+  images = _check_float_batch(images, fn)
+  p = _check_prob(p, "p", fn)
+  lo, hi = _pair(sigma, "sigma", fn)
+  if not (0.0 < lo <= hi and math.isfinite(hi)):
+    raise ValueError(f"{fn}: sigma must satisfy 0 < low <= high; got {sigma!r}")
+  if not float(truncate) > 0:
+    raise ValueError(f"{fn}: truncate must be > 0; got {truncate!r}")
+  return _blur(key, images, (lo, hi), p, int(float(truncate) * hi + 0.5))

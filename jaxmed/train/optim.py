@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules built from a config.
 
 Config fields (``config.optim``):
-  name: "sgd" | "adamw" | "adam".
+  name: "sgd" | "adamw" | "adam" | "lars".
   lr: peak learning rate.
   schedule: "poly" (nnU-Net: ``lr * (1 - step / total) ** power``), "cosine" (linear warm-up
     then cosine to ``end_lr``), or "constant" (after an optional warm-up).
@@ -11,6 +11,25 @@ Config fields (``config.optim``):
   weight_decay: decoupled for AdamW; L2 added to the gradient for SGD and Adam (as in
     PyTorch's ``weight_decay`` argument, which nnU-Net and the papers use).
   grad_clip: global-norm clipping threshold (0 disables).
+  trust_coefficient, lars_eps: LARS only, read when the config has them (defaults 0.001 and
+    1e-8: SwAV's ``LARC(trust_coefficient=0.001)`` and apex's eps).
+
+"lars" is ``optax.lars`` (You et al. 2017) with ``momentum``, ``nesterov`` and ``weight_decay``
+on every parameter (SwAV wraps ``torch.optim.SGD(momentum=0.9, weight_decay=1e-6)`` in apex's
+``LARC(trust_coefficient=0.001, clip=False)``, which also scales every parameter, biases and
+norms included). Per parameter tensor ``w`` with gradient ``g``, both scale
+``u = g + wd * w`` by ``trust * ||w|| / (norm + eps)`` (by 1 where ``||w||`` or the norm is 0)
+and then take a momentum step, with these differences from LARC:
+
+  * the norm is ``||g + wd * w||`` here, ``||g|| + wd * ||w||`` in LARC: equal for wd = 0 or
+    ``g`` parallel to ``w``, otherwise apart by at most ``2 wd ||w|| / ||g||`` relative (small
+    with SwAV's wd = 1e-6);
+  * optax's momentum accumulates ``lr * u`` (``trace`` after the learning rate), PyTorch's SGD
+    accumulates ``u`` and multiplies by the current lr: identical under a constant lr, while
+    under a schedule a change of lr reaches the step over ~1 / (1 - momentum) steps here and at
+    once in PyTorch;
+  * LARC's ``clip=True`` (trust ratio capped at 1 relative to the lr) has no counterpart; SwAV
+    uses ``clip=False``.
 """
 
 from __future__ import annotations
@@ -25,7 +44,7 @@ import ml_collections
 import optax
 
 _SCHEDULES = ("poly", "cosine", "constant")
-_OPTIMIZERS = ("sgd", "adam", "adamw")
+_OPTIMIZERS = ("sgd", "adam", "adamw", "lars")
 
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -56,9 +75,18 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), decay], boundaries=[warmup])
 
 
-def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """``(optimizer, schedule)`` from ``cfg``: clipping -> weight decay -> update rule -> -lr."""
-  schedule = make_schedule(cfg, total_steps)
+def make_optimizer(cfg, total_steps: int, *, step_offset: int = 0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """``(optimizer, schedule)`` from ``cfg``: clipping -> weight decay -> update rule -> -lr.
+
+  ``schedule`` is indexed by the global step. The optimizer reads it at its own update count
+  plus ``step_offset``: a group frozen for its first ``step_offset`` steps keeps its state
+  (count included) unchanged meanwhile, and so still follows the global schedule after.
+  """
+  global_schedule = make_schedule(cfg, total_steps)
+  schedule = global_schedule
+  if step_offset:
+    schedule = lambda count: global_schedule(count + step_offset)
   name = cfg.get("name", "sgd")
   wd = float(cfg.get("weight_decay", 0.0))
   chain = []
@@ -78,9 +106,15 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     chain.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
                              eps=float(cfg.get("eps", 1e-8)), weight_decay=wd,
                              mask=_decay_mask))
+  elif name == "lars":
+    chain.append(optax.lars(schedule, weight_decay=wd,
+                            trust_coefficient=float(cfg.get("trust_coefficient", 0.001)),
+                            eps=float(cfg.get("lars_eps", 1e-8)),
+                            momentum=float(cfg.get("momentum", 0.9)),
+                            nesterov=bool(cfg.get("nesterov", False))))
   else:
     raise ValueError(f"optim.name must be one of {_OPTIMIZERS}; got {name!r}")
-  return optax.chain(*chain), schedule
+  return optax.chain(*chain), global_schedule
 
 
 def _decay_mask(params):
@@ -236,7 +270,7 @@ def make_grouped_optimizer(config, total_steps: int) -> GroupedOptimizer:
         raise ValueError(f"param_groups.{name}.optim.{key}: no such optim field "
                          f"({sorted(cfg)})")
       cfg[key] = value
-    tx, schedule = make_optimizer(cfg, total_steps)
+    tx, schedule = make_optimizer(cfg, total_steps, step_offset=freeze)
     groups.append(ParamGroup(name, spec["pattern"], tx, schedule, freeze))
   tx, schedule = make_optimizer(config.optim, total_steps)
   groups.append(ParamGroup(DEFAULT_GROUP, ".*", tx, schedule))

@@ -14,9 +14,10 @@ from jaxmed.config import load_config, method_config, set_model
 from jaxmed.data import datasets, synthetic
 from jaxmed.methods import METHODS, get_method
 
-EXPECTED = {"context_prediction": "context_prediction", "finetune": "segmentation",
-            "reconstruction": "reconstruction", "restoration": "restoration",
-            "seg3d": "segmentation", "si": "si"}
+EXPECTED = {"context_prediction": "context_prediction", "coper_synthesis": "coper_synthesis",
+            "finetune": "segmentation", "reconstruction": "reconstruction",
+            "restoration": "restoration", "seg3d": "segmentation", "si": "si",
+            "simsiam": "simsiam", "swav": "swav"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

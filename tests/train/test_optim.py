@@ -61,3 +61,81 @@ def test_bad_config():
     optim.make_schedule(_cfg(schedule="step"), 10)
   with pytest.raises(ValueError, match="warmup_steps"):
     optim.make_schedule(_cfg(warmup_steps=10), 10)
+
+
+def _larc_sgd_steps(params, grads_per_step, *, lr, wd, momentum=0.9, trust=1e-3, eps=1e-8):
+  """apex ``LARC(SGD(lr, momentum, weight_decay=wd), trust_coefficient, clip=False)`` (SwAV's
+  optimizer), transcribed with torch tensors and ``torch.optim.SGD``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  ps = {k: torch.tensor(np.asarray(v), dtype=torch.float64, requires_grad=True)
+        for k, v in params.items()}
+  opt = torch.optim.SGD(list(ps.values()), lr=lr, momentum=momentum, weight_decay=0.0)
+  for grads in grads_per_step:
+    with torch.no_grad():
+      for k, p in ps.items():
+        p.grad = torch.tensor(np.asarray(grads[k]), dtype=torch.float64)
+        param_norm, grad_norm = torch.norm(p.data), torch.norm(p.grad.data)
+        if param_norm != 0 and grad_norm != 0:
+          adaptive_lr = trust * param_norm / (grad_norm + param_norm * wd + eps)
+          p.grad.data += wd * p.data
+          p.grad.data *= adaptive_lr
+    opt.step()
+  return {k: p.detach().numpy() for k, p in ps.items()}
+
+
+@pytest.mark.parametrize("wd, rtol", [(0.0, 1e-5), (1e-6, 1e-4)])
+def test_lars_matches_swav_larc_under_a_constant_lr(wd, rtol):
+  rng = np.random.default_rng(0)
+  params = {"kernel": rng.normal(size=(4, 3)).astype(np.float32),
+            "bias": np.zeros(3, np.float32)}  # zero norm: a plain SGD step first
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+           for _ in range(4)]
+  tx, _ = optim.make_optimizer(_cfg(name="lars", lr=0.6, schedule="constant", momentum=0.9,
+                                    nesterov=False, weight_decay=wd), 10)
+  state, p = tx.init(params), {k: jnp.asarray(v) for k, v in params.items()}
+  for g in grads:
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+  ref = _larc_sgd_steps(params, grads, lr=0.6, wd=wd)
+  for k in params:
+    np.testing.assert_allclose(p[k], ref[k], rtol=rtol, atol=1e-7, err_msg=k)
+  # The first step of the zero bias was plain SGD (lr x gradient), later ones trust-scaled.
+  assert np.abs(p["bias"]).max() > 0.1
+  assert np.abs(p["kernel"] - params["kernel"]).max() < 0.05
+
+
+def test_lars_in_a_parameter_group():
+  config = ml_collections.ConfigDict({
+      "optim": dict(_cfg(name="sgd", schedule="constant")),
+      "param_groups": {"head": dict(pattern="head/.*", optim=dict(
+          name="lars", lr=0.5, nesterov=False, weight_decay=0.0))}})
+  grouped = optim.make_grouped_optimizer(config, 10)
+  params = {"head": {"w": jnp.ones((2, 2))}, "body": {"w": jnp.ones(2)}}
+  state = grouped.init(params)
+  grads = {"head": {"w": jnp.full((2, 2), 0.5)}, "body": {"w": jnp.zeros(2)}}
+  new, _ = grouped.update(grads, state, params, 0)
+  # Trust ratio 0.001 * ||w|| / ||g + wd w|| scales the step: lr * 0.001 * ||w|| in norm.
+  step = np.asarray(params["head"]["w"] - new["head"]["w"])
+  np.testing.assert_allclose(np.linalg.norm(step), 0.5 * 1e-3 * 2.0, rtol=1e-4)
+
+
+def test_a_group_frozen_for_k_steps_follows_the_global_schedule_after():
+  """The frozen group's state (its update count too) does not move while frozen; its schedule
+  is offset so that the first unfrozen step uses the global step's learning rate (SwAV's
+  prototypes), not the warm-up's 0."""
+  config = ml_collections.ConfigDict({
+      "optim": dict(_cfg(name="sgd", momentum=0.0, nesterov=False, weight_decay=0.0,
+                         grad_clip=0.0, schedule="cosine", warmup_steps=4, lr=1.0)),
+      "param_groups": {"protos": dict(pattern="protos/.*", freeze_steps=3)}})
+  grouped = optim.make_grouped_optimizer(config, 20)
+  params = {"protos": {"w": jnp.zeros(1)}, "body": {"w": jnp.zeros(1)}}
+  state = grouped.init(params)
+  grads = {"protos": {"w": jnp.ones(1)}, "body": {"w": jnp.ones(1)}}
+  schedule = optim.make_schedule(config.optim, 20)
+  for step in range(6):
+    new, state = grouped.update(grads, state, params, step)
+    body = float(params["body"]["w"][0] - new["body"]["w"][0])
+    protos = float(params["protos"]["w"][0] - new["protos"]["w"][0])
+    np.testing.assert_allclose(body, schedule(step), rtol=1e-6)
+    np.testing.assert_allclose(protos, 0.0 if step < 3 else schedule(step), rtol=1e-6)
+    params = new

@@ -1,0 +1,192 @@
+"""Contrastive / clustering losses of self-supervised pre-training (float32 reductions).
+
+* `sinkhorn_knopp`: SwAV's equipartitioned soft cluster assignments (Caron et al. 2020,
+  "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", Sec. 3.1 and
+  Eq. 3; facebookresearch/swav ``main_swav.py`` ``distributed_sinkhorn``).
+* `swav_loss`: SwAV's swapped prediction over multi-crop views (Eqs. 1-2; ``main_swav.py``
+  ``train``).
+* `simsiam_loss`: SimSiam's symmetric negative cosine with stop-gradient (Chen & He 2021,
+  "Exploring Simple Siamese Representation Learning", Eqs. 1-2 and Alg. 1).
+
+Every reduction over the batch is a plain ``jnp`` sum or mean over the full (global) batch axis:
+under one global ``jax.jit`` with the batch sharded by a ``NamedSharding``, XLA turns them into
+the all-reduces that SwAV's ``dist.all_reduce`` calls do by hand, so the result on N devices is
+the result on one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _shape(x, name: str, fn: str) -> tuple[int, ...]:
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    raise TypeError(f"{fn}: {name} must be an array; got {type(x).__name__}")
+  return tuple(shape)
+
+
+def _check_2d(x, name: str, fn: str) -> tuple[int, int]:
+  shape = _shape(x, name, fn)
+  if len(shape) != 2 or min(shape) < 1:
+    raise ValueError(f"{fn}: {name} must be a non-empty (B, D) array; got shape {shape}")
+  return shape
+
+
+def sinkhorn_knopp(scores, *, epsilon: float = 0.05, iterations: int = 3) -> jax.Array:
+  """SwAV's soft codes Q: the equipartitioned assignment of B samples to K prototypes.
+
+  A transcription of facebookresearch/swav ``main_swav.py`` ``distributed_sinkhorn``::
+
+      Q = exp(scores / epsilon).T                       # (K, B)
+      Q /= sum(Q)                                       # all-reduced in SwAV
+      repeat iterations:
+        Q /= sum(Q, axis=1, keepdims=True); Q /= K      # rows: each prototype 1/K (all-reduced)
+        Q /= sum(Q, axis=0, keepdims=True); Q /= B      # columns: each sample 1/B
+      return (Q * B).T                                  # each sample's code sums to 1
+
+  (Eq. 3 of the paper solved with 3 Sinkhorn-Knopp iterations). The batch sums run over the
+  whole (global) batch axis, so under one ``jax.jit`` with the batch sharded over devices they
+  are global, as SwAV's all-reduces make them; B is the global batch (queue rows included).
+  The same steps run in the log domain (each division by a sum is a subtraction of a
+  ``logsumexp``), which equals SwAV's to float32 rounding for cosine scores and stays finite
+  where ``exp(scores / epsilon)`` would overflow or a prototype's every entry underflow (SwAV
+  then returns inf / nan). No gradient flows through the codes (SwAV runs this under
+  ``torch.no_grad``).
+
+  Args:
+    scores: ``(B, K)`` prototype scores (cosine similarities of the L2-normalised embeddings
+      and prototypes), any float dtype; computed in float32.
+    epsilon: the entropy regularisation ``epsilon`` of Eq. 3 (SwAV's ``--epsilon`` 0.05), > 0.
+    iterations: Sinkhorn-Knopp iterations (``--sinkhorn_iterations`` 3), >= 1.
+
+  Returns:
+    ``(B, K)`` float32 codes: every row sums to 1 (after the final column normalisation) and
+    every column (prototype) sums to about ``B / K``.
+  """
+  fn = "sinkhorn_knopp"
+  _check_2d(scores, "scores", fn)
+  if not jnp.issubdtype(jnp.asarray(scores).dtype, jnp.floating):
+    raise TypeError(f"{fn}: scores must be a float array; got dtype {jnp.asarray(scores).dtype}")
+  if not float(epsilon) > 0:
+    raise ValueError(f"{fn}: epsilon must be > 0; got {epsilon!r}")
+  if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    raise ValueError(f"{fn}: iterations must be an int >= 1; got {iterations!r}")
+  log_q = (jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32)) / float(epsilon)).T  # (K, B)
+  k, b = log_q.shape
+  lse = jax.nn.logsumexp
+  log_q = log_q - lse(log_q)                                       # Q /= sum(Q)
+  for _ in range(iterations):
+    log_q = log_q - lse(log_q, axis=1, keepdims=True) - jnp.log(k)  # rows: Q /= row sums; /= K
+    log_q = log_q - lse(log_q, axis=0, keepdims=True) - jnp.log(b)  # columns: /= col sums; /= B
+  return jnp.exp(log_q + jnp.log(b)).T                             # Q *= B
+
+
+def swav_loss(scores, assignments, *, crops_for_assign: Sequence[int] = (0, 1),
+              temperature: float = 0.1) -> jax.Array:
+  """SwAV's swapped-prediction loss over multi-crop views (Eqs. 1-2 of Caron et al. 2020).
+
+  As ``main_swav.py`` ``train``: for each assigned crop ``a`` (``crops_for_assign``) with codes
+  ``q_a``, the mean over the other ``V - 1`` crops ``v`` of the batch-mean cross-entropy
+  ``-sum_k q_a log softmax(scores_v / temperature)``; then the mean over the assigned crops::
+
+      loss = 1/|A| sum_{a in A} 1/(V-1) sum_{v != a} -mean_b sum_k q_a[b,k] log p_v[b,k]
+
+  The codes are constants (stop-gradient), as SwAV computes them under ``torch.no_grad``.
+
+  Args:
+    scores: ``(V, B, K)`` prototype scores of every crop (global crops first, then local), or a
+      sequence of V ``(B, K)`` arrays.
+    assignments: ``(A, B, K)`` codes (`sinkhorn_knopp`) of the crops ``crops_for_assign``, in
+      that order, or a sequence of A ``(B, K)`` arrays.
+    crops_for_assign: indices (into the V crops) of the crops whose codes are given
+      (SwAV's ``--crops_for_assign 0 1``: the two global crops).
+    temperature: softmax temperature tau (SwAV's 0.1), > 0.
+
+  Returns:
+    The scalar float32 loss.
+  """
+  fn = "swav_loss"
+  if isinstance(scores, (list, tuple)):
+    scores = jnp.stack([jnp.asarray(s) for s in scores])
+  if isinstance(assignments, (list, tuple)):
+    assignments = jnp.stack([jnp.asarray(a) for a in assignments])
+  s_shape = _shape(scores, "scores", fn)
+  a_shape = _shape(assignments, "assignments", fn)
+  if len(s_shape) != 3 or s_shape[0] < 2 or min(s_shape) < 1:
+    raise ValueError(f"{fn}: scores must be (V, B, K) with V >= 2 crops; got shape {s_shape}")
+  crops = tuple(int(c) for c in crops_for_assign)
+  if not crops or len(set(crops)) != len(crops) or any(not 0 <= c < s_shape[0] for c in crops):
+    raise ValueError(f"{fn}: crops_for_assign must be distinct crop indices in [0, "
+                     f"{s_shape[0]}) for scores of shape {s_shape}; got {crops_for_assign!r}")
+  if a_shape != (len(crops), *s_shape[1:]):
+    raise ValueError(f"{fn}: assignments must have shape {(len(crops), *s_shape[1:])} "
+                     f"(one (B, K) code per crop in crops_for_assign={crops}) for scores of "
+                     f"shape {s_shape}; got {a_shape}")
+  if not float(temperature) > 0:
+    raise ValueError(f"{fn}: temperature must be > 0; got {temperature!r}")
+  num_crops = s_shape[0]
+  log_p = jax.nn.log_softmax(jnp.asarray(scores, jnp.float32) / float(temperature), axis=-1)
+  q = jax.lax.stop_gradient(jnp.asarray(assignments, jnp.float32))
+  loss = jnp.zeros((), jnp.float32)
+  for i, crop in enumerate(crops):
+    others = [v for v in range(num_crops) if v != crop]
+    # (V - 1, B): cross-entropy of crop `crop`'s codes with each other crop's prediction.
+    ce = -jnp.sum(q[i][None] * log_p[jnp.asarray(others)], axis=-1)
+    loss = loss + jnp.mean(ce, axis=1).sum() / (num_crops - 1)
+  return loss / len(crops)
+
+
+def negative_cosine(p, z, *, eps: float = 1e-8) -> jax.Array:
+  """SimSiam's ``D(p, z) = -mean_b cos(p_b, stopgrad(z_b))`` (Eq. 1 of Chen & He 2021).
+
+  Each vector is divided by ``max(||x||, eps)`` (PyTorch's ``F.normalize`` / cosine guard).
+
+  Args:
+    p: ``(B, D)`` predictions.
+    z: ``(B, D)`` targets (no gradient flows into them).
+    eps: norm guard.
+
+  Returns:
+    The scalar float32 loss, in [-1, 1].
+  """
+  fn = "negative_cosine"
+  p_shape, z_shape = _check_2d(p, "p", fn), _check_2d(z, "z", fn)
+  if p_shape != z_shape:
+    raise ValueError(f"{fn}: p and z must have the same shape; got {p_shape} and {z_shape}")
+  return _neg_cos(p, z, eps)
+
+
+def _neg_cos(p, z, eps):
+  p = jnp.asarray(p, jnp.float32)
+  z = jax.lax.stop_gradient(jnp.asarray(z, jnp.float32))
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return -jnp.mean(jnp.sum(unit(p) * unit(z), axis=-1))
+
+
+def simsiam_loss(p1, p2, z1, z2, *, eps: float = 1e-8) -> jax.Array:
+  """SimSiam's symmetric loss ``D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2`` (Eq. 2, Alg. 1).
+
+  facebookresearch/simsiam ``main_simsiam.py``:
+  ``-(criterion(p1, z2).mean() + criterion(p2, z1).mean()) * 0.5`` with
+  ``criterion = nn.CosineSimilarity(dim=1)`` and ``z1, z2`` detached.
+
+  Args:
+    p1, p2: ``(B, D)`` predictor outputs of views 1 and 2.
+    z1, z2: ``(B, D)`` projector outputs of views 1 and 2 (stop-gradient: no gradient flows
+      into them).
+    eps: norm guard of the cosine.
+
+  Returns:
+    The scalar float32 loss, in [-1, 1] (-1 when each p is parallel to the other view's z).
+  """
+  fn = "simsiam_loss"
+  shapes = {name: _check_2d(x, name, fn) for name, x in
+            (("p1", p1), ("p2", p2), ("z1", z1), ("z2", z2))}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"{fn}: p1, p2, z1, z2 must have the same (B, D) shape; got "
+                     + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+  return 0.5 * _neg_cos(p1, z2, eps) + 0.5 * _neg_cos(p2, z1, eps)

@@ -1,0 +1,190 @@
+"""SwAV's Sinkhorn-Knopp and swapped prediction, SimSiam's loss: NumPy / PyTorch transcriptions
+of the reference code, known values, stop-gradients, and global sums under a sharded jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxmed.losses import negative_cosine, simsiam_loss, sinkhorn_knopp, swav_loss
+from jaxmed.train import sharding
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _scores(b, k, d=8, seed=0):
+  """Cosines of unit embeddings and unit prototypes, as SwAV's scores."""
+  rng = np.random.default_rng(seed)
+  return (_unit(rng.normal(size=(b, d))) @ _unit(rng.normal(size=(k, d))).T).astype(np.float32)
+
+
+def numpy_distributed_sinkhorn(out, epsilon, iterations, world_size=1):
+  """swav main_swav.py ``distributed_sinkhorn`` on one process, in float64."""
+  q = np.exp(out.astype(np.float64) / epsilon).T
+  b = q.shape[1] * world_size
+  k = q.shape[0]
+  q /= np.sum(q)
+  for _ in range(iterations):
+    q /= np.sum(q, axis=1, keepdims=True)
+    q /= k
+    q /= np.sum(q, axis=0, keepdims=True)
+    q /= b
+  q *= b
+  return q.T
+
+
+def numpy_swav_loss(output, q, crops_for_assign, nmb_crops, temperature):
+  """swav main_swav.py ``train``'s loss, ``output`` (V * B, K) crop-major."""
+  bs = output.shape[0] // nmb_crops
+  loss = 0.0
+  for i, crop_id in enumerate(crops_for_assign):
+    subloss = 0.0
+    for v in np.delete(np.arange(nmb_crops), crop_id):
+      x = output[bs * v: bs * (v + 1)] / temperature
+      log_p = x - x.max(axis=1, keepdims=True)
+      log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+      subloss -= np.mean(np.sum(q[i] * log_p, axis=1))
+    loss += subloss / (nmb_crops - 1)
+  return loss / len(crops_for_assign)
+
+
+@pytest.mark.parametrize("b, k, iterations", [(12, 5, 3), (7, 20, 1), (32, 10, 3)])
+def test_sinkhorn_equals_swav_distributed_sinkhorn(b, k, iterations):
+  scores = _scores(b, k, seed=b)
+  q = np.asarray(sinkhorn_knopp(scores, epsilon=0.05, iterations=iterations))
+  ref = numpy_distributed_sinkhorn(scores, 0.05, iterations)
+  assert q.shape == (b, k) and q.dtype == np.float32
+  np.testing.assert_allclose(q, ref, rtol=2e-5, atol=1e-7)
+  # The last normalisation is over samples: each code sums to 1.
+  np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)
+  assert np.all(q >= 0)
+
+
+def test_sinkhorn_converges_to_an_equipartition():
+  scores = _scores(24, 6, seed=3)
+  q = np.asarray(sinkhorn_knopp(scores, epsilon=0.05, iterations=200))
+  np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)        # samples: 1 each
+  np.testing.assert_allclose(q.sum(axis=0), 24 / 6, rtol=1e-3)     # prototypes: B / K each
+  # Sharper than a softmax of the scores, and the argmax follows the scores where confident.
+  q3 = np.asarray(sinkhorn_knopp(scores, epsilon=0.05, iterations=3))
+  assert not np.allclose(q3.sum(axis=0), 24 / 6, rtol=1e-3)        # 3 iterations: approximate
+
+
+def test_sinkhorn_is_stable_for_large_scores_and_has_no_gradient():
+  scores = _scores(8, 4) * 100.0  # exp(s / 0.05) overflows even float64 (SwAV: nan)
+  q = np.asarray(sinkhorn_knopp(scores))
+  assert np.all(np.isfinite(q))
+  np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)
+  grad = jax.grad(lambda s: jnp.sum(sinkhorn_knopp(s) * jnp.arange(4.0)))(_scores(8, 4))
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_sinkhorn_under_jit_on_4_devices_equals_1_device():
+  assert jax.device_count() == 4
+  scores = _scores(32, 10, seed=7)
+  one = jax.jit(sinkhorn_knopp)(jax.device_put(scores, jax.devices()[0]))
+  mesh = sharding.make_mesh({"data": 4})
+  sharded = jax.device_put(scores, NamedSharding(mesh, P(("data", "fsdp"))))
+  assert len(sharded.sharding.device_set) == 4
+  four = jax.jit(sinkhorn_knopp)(sharded)
+  np.testing.assert_allclose(np.asarray(four), np.asarray(one), rtol=1e-6, atol=1e-8)
+  # Per-device (local) sums would give other codes: the equality above needs global sums.
+  local = np.concatenate([numpy_distributed_sinkhorn(s, 0.05, 3) for s in np.split(scores, 4)])
+  assert not np.allclose(local, np.asarray(one), rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(one), numpy_distributed_sinkhorn(scores, 0.05, 3),
+                             rtol=2e-5, atol=1e-7)
+
+
+def test_sinkhorn_input_errors():
+  with pytest.raises(ValueError, match=r"scores must be a non-empty \(B, D\).*\(6,\)"):
+    sinkhorn_knopp(np.zeros(6, np.float32))
+  with pytest.raises(TypeError, match="scores must be a float array"):
+    sinkhorn_knopp(np.zeros((2, 3), np.int32))
+  with pytest.raises(ValueError, match="epsilon must be > 0"):
+    sinkhorn_knopp(np.zeros((2, 3), np.float32), epsilon=0.0)
+  with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+    sinkhorn_knopp(np.zeros((2, 3), np.float32), iterations=0)
+
+
+def test_swav_loss_equals_main_swav_py():
+  rng = np.random.default_rng(1)
+  v, b, k = 5, 6, 7
+  scores = np.stack([_scores(b, k, seed=i) for i in range(v)])
+  codes = np.stack([numpy_distributed_sinkhorn(scores[c], 0.05, 3) for c in (0, 1)])
+  ours = swav_loss(scores, codes.astype(np.float32), crops_for_assign=(0, 1), temperature=0.1)
+  ref = numpy_swav_loss(scores.reshape(v * b, k).astype(np.float64), codes, (0, 1), v, 0.1)
+  np.testing.assert_allclose(float(ours), ref, rtol=1e-5)
+  # Other assigned crops and temperature; sequences of (B, K) arrays work too.
+  codes3 = rng.dirichlet(np.ones(k), size=(3, b)).astype(np.float32)
+  ours = swav_loss(list(scores), list(codes3), crops_for_assign=(4, 0, 2), temperature=0.5)
+  ref = numpy_swav_loss(scores.reshape(v * b, k).astype(np.float64), codes3, (4, 0, 2), v, 0.5)
+  np.testing.assert_allclose(float(ours), ref, rtol=1e-5)
+
+
+def test_swav_loss_known_value_and_stop_gradient():
+  # Equal scores: every prediction is uniform, so each cross-entropy is ln K.
+  k = 9
+  codes = np.random.default_rng(0).dirichlet(np.ones(k), size=(2, 4)).astype(np.float32)
+  np.testing.assert_allclose(float(swav_loss(np.zeros((3, 4, k), np.float32), codes)),
+                             np.log(k), rtol=1e-6)
+  scores = np.stack([_scores(4, k, seed=i) for i in range(3)])
+  g_codes = jax.grad(lambda q: swav_loss(scores, q))(codes)
+  np.testing.assert_array_equal(g_codes, 0.0)
+  g_scores = jax.grad(lambda s: swav_loss(s, codes))(scores)
+  assert np.all(np.isfinite(g_scores)) and np.abs(g_scores).sum() > 0
+
+
+def test_swav_loss_errors():
+  scores = np.zeros((3, 4, 5), np.float32)
+  with pytest.raises(ValueError, match=r"scores must be \(V, B, K\).*\(4, 5\)"):
+    swav_loss(scores[0], np.zeros((2, 4, 5), np.float32))
+  with pytest.raises(ValueError, match=r"assignments must have shape \(2, 4, 5\).*\(2, 4, 6\)"):
+    swav_loss(scores, np.zeros((2, 4, 6), np.float32))
+  with pytest.raises(ValueError, match="crops_for_assign must be distinct crop indices"):
+    swav_loss(scores, np.zeros((2, 4, 5), np.float32), crops_for_assign=(0, 3))
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    swav_loss(scores, np.zeros((2, 4, 5), np.float32), temperature=0.0)
+
+
+def test_simsiam_known_values():
+  rng = np.random.default_rng(0)
+  z1, z2 = rng.normal(size=(2, 6, 16)).astype(np.float32)
+  # p parallel to the other view's z (any positive scale): -1.
+  np.testing.assert_allclose(float(simsiam_loss(z2, 3.0 * z1, z1, z2)), -1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(simsiam_loss(-z2, -z1, z1, z2)), 1.0, rtol=1e-6)
+  e = np.eye(4, dtype=np.float32)
+  np.testing.assert_allclose(float(simsiam_loss(e[:2], e[:2], e[2:], e[2:])), 0.0, atol=1e-7)
+  np.testing.assert_allclose(float(negative_cosine(z1, z1)), -1.0, rtol=1e-6)
+
+
+def test_simsiam_matches_the_reference_with_its_gradients():
+  rng = np.random.default_rng(1)
+  p1, p2, z1, z2 = rng.normal(size=(4, 5, 8)).astype(np.float32)
+  tp1, tp2 = (torch.tensor(x, requires_grad=True) for x in (p1, p2))
+  tz1, tz2 = (torch.tensor(x, requires_grad=True) for x in (z1, z2))
+  criterion = torch.nn.CosineSimilarity(dim=1)
+  # simsiam main_simsiam.py; the model returns z1.detach(), z2.detach().
+  ref = -(criterion(tp1, tz2.detach()).mean() + criterion(tp2, tz1.detach()).mean()) * 0.5
+  ref.backward()
+  loss, grads = jax.value_and_grad(simsiam_loss, argnums=(0, 1, 2, 3))(p1, p2, z1, z2)
+  np.testing.assert_allclose(float(loss), float(ref.detach()), rtol=1e-6)
+  np.testing.assert_allclose(grads[0], tp1.grad.numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grads[1], tp2.grad.numpy(), rtol=1e-5, atol=1e-7)
+  # No gradient through the stop-gradient branch.
+  assert tz1.grad is None and tz2.grad is None
+  np.testing.assert_array_equal(grads[2], 0.0)
+  np.testing.assert_array_equal(grads[3], 0.0)
+
+
+def test_simsiam_errors():
+  a = np.zeros((4, 8), np.float32)
+  with pytest.raises(ValueError, match=r"p1, p2, z1, z2 must have the same.*z2 \(4, 7\)"):
+    simsiam_loss(a, a, a, np.zeros((4, 7), np.float32))
+  with pytest.raises(ValueError, match=r"p1 must be a non-empty \(B, D\) array; got shape \(8,\)"):
+    simsiam_loss(a[0], a, a, a)
+  with pytest.raises(ValueError, match="p and z must have the same shape"):
+    negative_cosine(a, a[:2])
