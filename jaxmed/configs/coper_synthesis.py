@@ -34,8 +34,7 @@ quarter-width VGG, batch 16, 300 steps.
 import ml_collections
 
 from jaxmed.config import method_config, parse_arg
-from jaxmed.methods.coper_synthesis import PAPER_LAMBDA2, TASKS
-from jaxmed.models.registry import model_defaults
+from jaxmed.methods.coper_synthesis import PAPER_LAMBDA2, TASKS, model_defaults
 
 _ARGS = {"task": "tumour", "loss_net": "random", "loss_arch": "vgg16_bn", "lambda1": "",
          "lambda2": "", "size": ""}

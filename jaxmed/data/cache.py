@@ -36,6 +36,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -298,6 +299,18 @@ class FastmriReader:
 # ----------------------------------------------------------------------------- the cache
 
 
+# np.load parses a .npy header with ast.literal_eval, and CPython 3.11 can fail ("AST
+# constructor recursion depth mismatch", a SystemError) when several threads parse at once, as
+# the input pipeline's reader threads do: headers are read one thread at a time.
+_HEADER_LOCK = threading.Lock()
+
+
+def _open_memmap(path) -> np.ndarray:
+  """``np.load(path, mmap_mode="r")``, thread-safe (see `_HEADER_LOCK`)."""
+  with _HEADER_LOCK:
+    return np.load(path, mmap_mode="r")
+
+
 class CachedSubjects(collections.abc.Sequence):
   """Preprocessed subjects in a cache folder; ``subjects[i]`` memory-maps case ``i``.
 
@@ -324,7 +337,7 @@ class CachedSubjects(collections.abc.Sequence):
       raise IndexError(f"subject index {index} out of range for {n} subjects")
     index %= n
     folder, meta = self.directory / self.cases[index], self._infos[index]
-    load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")
+    load = lambda name: _open_memmap(folder / f"{name}.npy")
     return Subject(meta["subject_id"], load("image"),
                    load("label") if meta["has_label"] else None, tuple(meta["modalities"]),
                    tuple(meta["spacing"]), load("brain_mask"), int(meta["grade"]),
@@ -365,7 +378,7 @@ def _valid_case(folder: pathlib.Path, fingerprint) -> dict | None:
     expected["label"] = (shape[:3], np.uint8)
   for name, (array_shape, dtype) in expected.items():
     try:
-      array = np.load(folder / f"{name}.npy", mmap_mode="r")
+      array = _open_memmap(folder / f"{name}.npy")
     except (OSError, ValueError, EOFError) as e:
       logging.warning("cache: unreadable %s (%s); rebuilding the case", folder / name, e)
       return None

@@ -43,7 +43,6 @@ Config sections: ``synthesis``, ``loss`` (``lambda1``, ``lambda2``), ``generator
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from jaxmed.losses import coper_loss, l1_loss, network_features
 from jaxmed.losses.perceptual import PREPROCESS
@@ -246,30 +244,30 @@ class CoPerSynthesisMethod(Method):
     if self.loss_source == "random":
       return self._jitted_loss_net_init(jax.random.PRNGKey(int(cfg.seed)))
     if self._pretrained is None:
-      self._pretrained = self._load_loss_net()
+      raise ValueError(
+          f"loss_net.source='pretrained': the loss network from {cfg.path!r} is loaded by the "
+          "trainer before init (jaxmed.train.init.load_frozen_networks(method)); call it "
+          "first when building the method yourself")
     return self._pretrained
 
-  def _load_loss_net(self) -> dict:
-    """Reads ``loss_net.path`` (`jaxmed.train.init.load_pretrained`) into the loss network.
-
-    A jaxmed run: ``prefix`` names the module holding the network (e.g. a SwAV run's
-    backbone); "" finds it: the one module of the run whose variables hold every leaf of the
-    loss network with the same shapes. A PyTorch file: ``converter`` ("vgg16" / "resnet")
-    converts it into the loss network (``strip``, ``key``, ``converter_kwargs`` as
-    `load_pretrained`). Leaves of the loaded module the loss network lacks (a head, a
-    classifier) are left out; missing or mis-shaped leaves are an error.
-    """
-    # pylint: disable=g-import-not-at-top  (reading weights is the trainer side's business)
-    from jaxmed.train import init as init_lib
+  def frozen_networks(self) -> dict[str, tuple[dict, Any]]:
+    """``{"loss_net": (load spec, variable shapes)}`` when the loss network is read from
+    ``loss_net.path``: the trainer loads it before initialising
+    (`jaxmed.train.init.load_frozen_networks`: a jaxmed run, its module found by shape when
+    ``prefix`` is "", or a PyTorch file through ``converter``) and hands it to
+    `set_frozen_network`; reading weights is the trainer side's business."""
+    if self.loss_source != "pretrained":
+      return {}
     cfg = self.config.loss_net
-    template = jax.eval_shape(self._loss_net_init, jax.random.PRNGKey(0))
-    spec = {k: cfg[k] for k in init_lib.LOAD_KEYS if k in cfg}
-    loaded = init_lib.load_pretrained(spec, template=template)
-    if not cfg.prefix and not os.path.isfile(str(cfg.path)):
-      loaded = init_lib.subtree(loaded, _find_prefix(loaded, template, str(cfg.path)))
-    variables, plan = init_lib.transfer(loaded, template, strict=False, return_plan=True)
-    logging.info("loss network from %s: %s", cfg.path, plan.summary())
-    return jax.tree.map(jnp.asarray, variables)
+    spec = {k: cfg[k] for k in ("path", "step", "prefix", "converter", "converter_kwargs",
+                                "key", "strip") if k in cfg}
+    return {"loss_net": (spec, jax.eval_shape(self._loss_net_init, jax.random.PRNGKey(0)))}
+
+  def set_frozen_network(self, name: str, variables) -> None:
+    """Receives the frozen network ``name`` loaded for `frozen_networks`."""
+    if name != "loss_net":
+      raise ValueError(f"coper_synthesis has no frozen network {name!r}; it has 'loss_net'")
+    self._pretrained = jax.tree.map(jnp.asarray, variables)
 
   def features_fn(self, variables):
     """``x (M, H, W, 3) in [-1, 1] -> {tap: features}`` of the frozen loss network
@@ -508,32 +506,3 @@ class CoPerSynthesisMethod(Method):
     return inputs, self.generate(variables, inputs)
 
 
-def _find_prefix(loaded: Mapping[str, Any], template: Mapping[str, Any], path: str) -> str:
-  """The module path of ``loaded`` whose variables hold every leaf of ``template`` (same
-  shapes), for a run whose loss network sits under an unknown prefix."""
-  def flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        out.update(flat(v, f"{prefix}{k}/"))
-      else:
-        out[f"{prefix}{k}"] = tuple(np.shape(v))
-    return out
-
-  want = {c: flat(t) for c, t in template.items()}
-  have = {c: flat(t) for c, t in loaded.items() if isinstance(t, Mapping)}
-  first = next(iter(want["params"]))
-  candidates = sorted({p[:-len(first)] for p in have.get("params", {})
-                       if p == first or p.endswith("/" + first)})
-  found = [q for q in candidates
-           if all(have.get(c, {}).get(q + leaf) == s for c, leaves in want.items()
-                  for leaf, s in leaves.items())]
-  if not found:
-    raise ValueError(f"loss_net.path {path!r}: no module holds the loss network "
-                     f"(loss_net.model) with matching shapes; its top-level modules: "
-                     f"{sorted(loaded.get('params', {}))}; set loss_net.prefix and check "
-                     "loss_net.model")
-  if len(found) > 1:
-    raise ValueError(f"loss_net.path {path!r}: several modules hold the loss network: "
-                     f"{[q.rstrip('/') for q in found]}; set loss_net.prefix")
-  return found[0].rstrip("/")

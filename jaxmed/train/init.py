@@ -534,6 +534,59 @@ def load_pretrained(spec, *, template: Any = None, adapted: Iterable[str] = ()) 
   return variables
 
 
+def load_frozen_networks(method) -> None:
+  """Loads the frozen networks a method reads from files (``method.frozen_networks()``: name ->
+  (load spec, variable shapes), e.g. CoPer synthesis's loss network) and hands each to
+  ``method.set_frozen_network(name, variables)``. The trainer calls it before initialising;
+  methods do not read weights themselves.
+
+  A jaxmed run's variables: the module ``spec["prefix"]`` names, or, with no prefix, the one
+  module whose leaves match the shapes (`find_prefix`). A PyTorch file: converted into the
+  shapes (``converter``). Leaves the network lacks (a head, a classifier) are left out; a
+  missing or mis-shaped leaf is an error.
+  """
+  for name, (spec, shapes) in getattr(method, "frozen_networks", dict)().items():
+    spec = _spec_dict(spec)
+    path = os.fspath(spec["path"])
+    loaded = load_pretrained(spec, template=shapes)
+    if not _given(spec.get("prefix")) and not os.path.isfile(path):
+      loaded = subtree(loaded, find_prefix(loaded, shapes, path))
+    variables, plan = transfer(loaded, shapes, strict=False, return_plan=True)
+    logging.info("frozen network %s from %s: %s", name, path, plan.summary())
+    method.set_frozen_network(name, variables)
+
+
+def find_prefix(loaded: Mapping[str, Any], template: Mapping[str, Any], path: str) -> str:
+  """The module path of ``loaded`` whose variables hold every leaf of ``template`` (same
+  shapes): where a run keeps a network under an unknown prefix (a SwAV run's ``backbone``)."""
+  def flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+      if isinstance(v, Mapping):
+        out.update(flat(v, f"{prefix}{k}/"))
+      else:
+        out[f"{prefix}{k}"] = tuple(np.shape(v))
+    return out
+
+  want = {c: flat(t) for c, t in template.items()}
+  have = {c: flat(t) for c, t in loaded.items() if isinstance(t, Mapping)}
+  first = next(iter(want["params"]))
+  candidates = sorted({p[:-len(first)] for p in have.get("params", {})
+                       if p == first or p.endswith("/" + first)})
+  found = [q for q in candidates
+           if all(have.get(c, {}).get(q + leaf) == s for c, leaves in want.items()
+                  for leaf, s in leaves.items())]
+  if not found:
+    raise ValueError(f"{path!r}: no module holds the network "
+                     f"with matching shapes; its top-level modules: "
+                     f"{sorted(loaded.get('params', {}))}; set its prefix and check "
+                     "its model fields")
+  if len(found) > 1:
+    raise ValueError(f"{path!r}: several modules hold the network: "
+                     f"{[q.rstrip('/') for q in found]}; set its prefix")
+  return found[0].rstrip("/")
+
+
 def initializer(spec, *, template: Any = None, pretrained: Mapping[str, Any] | None = None,
                 **transfer_kwargs) -> Callable[[dict], dict]:
   """``init(fresh) -> variables`` for `jaxmed.train.trainer.train(init_variables=...)`.

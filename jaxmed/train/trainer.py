@@ -25,6 +25,7 @@ from absl import logging
 from jaxmed import methods as methods_lib
 from jaxmed.data import datasets, pipeline, sources, views
 from jaxmed.train import checkpoint as ckpt_lib
+from jaxmed.train import init as init_lib
 from jaxmed.train import logging as log_lib
 from jaxmed.train import optim, sharding
 from jaxmed.train.state import TrainState
@@ -156,6 +157,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   """
   os.makedirs(workdir, exist_ok=True)
   method = method or methods_lib.get_method(config)
+  init_lib.load_frozen_networks(method)  # e.g. a loss network read from a file
   view_transform = None
   process_index, process_count = jax.process_index(), jax.process_count()
   if train_data is None:

@@ -16,11 +16,11 @@ from helpers import REPO, config_for
 from jaxmed.config import load_sweep
 from jaxmed.losses import l1_loss
 from jaxmed.methods import METHODS, CoPerSynthesisMethod, get_method
-from jaxmed.methods.coper_synthesis import (PIX2PIX_LAMBDA2, _find_prefix,
-                                            network_variables)
+from jaxmed.methods.coper_synthesis import PIX2PIX_LAMBDA2, network_variables
 from jaxmed.models import VGG16
 from jaxmed.runner import run_config
 from jaxmed.train import checkpoint, sharding, trainer
+from jaxmed.train import init as init_lib
 from jaxmed.train.logging import read_metrics
 
 # Tiny networks on 32 x 32 slices: a 5-level U-Net with 4 filters, a 1-layer PatchGAN, a
@@ -244,10 +244,14 @@ def test_run_config_checkpoints_resumes_and_keeps_the_loss_network(tmp_path):
 
   # That run as a loss network: found under its "loss_net" module without a prefix.
   pretrained = get_method(_config(loss_net__source="pretrained", loss_net__path=workdir))
+  with pytest.raises(ValueError, match="loaded by the trainer"):  # not read by the method
+    pretrained.loss_net_variables()
+  init_lib.load_frozen_networks(pretrained)
   _assert_trees_equal(pretrained.loss_net_variables(), network_variables(at4, "loss_net"))
-  with pytest.raises(ValueError, match="no module holds the loss network"):  # other shapes
-    get_method(_config(loss_net__source="pretrained", loss_net__path=workdir,
-                       **{"loss_net.model.width": 1 / 8})).loss_net_variables()
+  with pytest.raises(ValueError, match="no module holds the network"):  # other shapes
+    init_lib.load_frozen_networks(get_method(_config(
+        loss_net__source="pretrained", loss_net__path=workdir,
+        **{"loss_net.model.width": 1 / 8})))
 
 
 def test_loss_network_from_a_pytorch_file(tmp_path):
@@ -275,6 +279,7 @@ def test_loss_network_from_a_pytorch_file(tmp_path):
   safetensors.save_file(state_dict, path)
   converted = get_method(_config(loss_net__source="pretrained", loss_net__path=path,
                                  loss_net__converter="vgg16"))
+  init_lib.load_frozen_networks(converted)
   _assert_trees_equal(converted.loss_net_variables(), reference)
 
 
@@ -282,12 +287,12 @@ def test_find_prefix():
   template = {"params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32)}}}
   run = {"params": {"backbone": {"conv": {"kernel": np.zeros((3, 3, 3, 4))}},
                     "head": {"conv": {"kernel": np.zeros((3, 3, 3, 2))}}}}
-  assert _find_prefix(run, template, "run") == "backbone"
+  assert init_lib.find_prefix(run, template, "run") == "backbone"
   run["params"]["ema"] = run["params"]["backbone"]
   with pytest.raises(ValueError, match="several modules"):
-    _find_prefix(run, template, "run")
+    init_lib.find_prefix(run, template, "run")
   with pytest.raises(ValueError, match="no module holds"):
-    _find_prefix({"params": {"head": run["params"]["head"]}}, template, "run")
+    init_lib.find_prefix({"params": {"head": run["params"]["head"]}}, template, "run")
 
 
 def test_bad_config_is_an_error_at_construction():
