@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import numpy_filled, tiny_config
 
 from jaxmed.config import set_model
 from jaxmed.data import synthetic
@@ -20,6 +20,7 @@ from jaxmed.losses import softmax_dice_ce_loss
 from jaxmed.methods import get_method
 from jaxmed.methods.segmentation import transfer_layers
 from jaxmed.runner import run_config
+from jaxmed.train import init as init_lib
 from jaxmed.train.logging import read_metrics
 
 
@@ -180,32 +181,40 @@ def test_compare_runs_pairs_the_subjects_of_crossval_runs(tmp_path):
     crossval.compare_runs(runs, baseline="scratch", part="ensemble")
 
 
-def test_swin_unetr_finetuning_from_a_converted_monai_checkpoint(tmp_path):
-  """Fine-tuning a Swin-UNETR (`set_model`) initialised from a MONAI ``SwinUNETR`` file with 1
-  input channel and 14 outputs (as BTCV's): the converter keeps the file's shapes where the
-  transfer adapts them (patch embedding and encoder1's input kernels tiled over 4 modalities, a
-  new 3-region output layer); the test subject is scored by sliding windows; its features are
-  the pooled encoder10."""
+def test_swin_unetr_initialised_from_a_converted_monai_checkpoint(tmp_path):
+  """A 4-modality, 3-region Swin-UNETR (`set_model`) initialised by ``config.init`` from a MONAI
+  ``SwinUNETR`` file with 1 input channel and 14 outputs (as BTCV's): the converter keeps the
+  file's shapes where the transfer adapts them; the patch embedding and encoder1's input
+  kernels are the file's tiled over the channels (x 1/4), the output layer stays fresh, and
+  every other leaf is the file's."""
   torch = pytest.importorskip("torch")
   from monai.networks.nets import SwinUNETR as MonaiSwinUNETR  # pylint: disable=g-import-not-at-top
   swin = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
   torch.manual_seed(0)
   monai_net = MonaiSwinUNETR(in_channels=1, out_channels=14, **swin)
   torch.save(monai_net.state_dict(), tmp_path / "swin.pt")
-  config = tiny_config("segmentation", total_steps=1, batch_size=4, eval_every=1,
+  config = tiny_config("segmentation", data__view="crop", data__crop_size=(32, 32, 32),
                        init__path=str(tmp_path / "swin.pt"), init__converter="swin_unetr",
-                       data__fg_fraction=0.5, data__num_subjects=3, data__shape=(32, 32, 32),
-                       data__num_val=1, data__num_test=1, data__view="crop",
-                       data__crop_size=(32, 32, 32),
                        **{f"init__{k}": v
                           for k, v in transfer_layers("swin_unetr", "tile").items()})
   set_model(config, "swin_unetr", **swin)
-  result = run_config(config, str(tmp_path / "ft"), progress=False)
-  assert list(result.test["regions"][:3]) == ["WT", "TC", "ET"]
-  assert np.isfinite(result.test["dice"]).all()
-  assert result.state.params["swinViT"]["patch_embed"]["proj"]["kernel"].shape == (2, 2, 2, 4, 12)
-  method = result.method
+  method = get_method(config)
   shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0),
                           {"image": jnp.zeros((1, 32, 32, 32, 4))})
+  fresh = numpy_filled(shapes)
+  variables = init_lib.initializer(config.init)(fresh)
+  params = variables["params"]
+  weight = monai_net.swinViT.patch_embed.proj.weight.detach().numpy()  # (F, 1, 2, 2, 2)
+  np.testing.assert_allclose(params["swinViT"]["patch_embed"]["proj"]["kernel"],
+                             np.repeat(np.transpose(weight, (2, 3, 4, 1, 0)), 4, axis=3) / 4,
+                             rtol=1e-6)
+  conv3 = monai_net.encoder1.layer.conv3.conv.weight.detach().numpy()  # (F, 1, 1, 1, 1)
+  np.testing.assert_allclose(params["encoder1"]["layer"]["conv3"]["kernel"],
+                             np.repeat(np.transpose(conv3, (2, 3, 4, 1, 0)), 4, axis=3) / 4,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(params["out"]["kernel"], fresh["params"]["out"]["kernel"])
+  decoder = monai_net.decoder1.conv_block.conv1.conv.weight.detach().numpy()
+  np.testing.assert_allclose(params["decoder1"]["conv_block"]["conv1"]["kernel"],
+                             np.transpose(decoder, (2, 3, 4, 1, 0)), rtol=1e-6)
   features = jax.eval_shape(method.features, shapes, jnp.ones((2, 32, 32, 32, 4)))
   assert features.shape == (2, 12 * 16)

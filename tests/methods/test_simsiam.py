@@ -112,8 +112,9 @@ def test_trainer_steps_with_a_fixed_predictor_lr(tmp_path):
   lr0 = 0.05 * 96 / 256
   assert all(abs(r["lr/predictor"] - lr0) < 1e-7 for r in records)
   assert records[0]["lr"] == pytest.approx(lr0) and records[-1]["lr"] < lr0
-  init = SimSiamMethod(config).init(jax.random.split(jax.random.PRNGKey(config.seed))[0],
-                                    {"image": np.zeros((8, 32, 32, 1), np.float32)})
+  init_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+  init = jax.jit(SimSiamMethod(config).init, compiler_options=trainer.init_compiler_options())(
+      init_key, {"image": np.zeros((8, 32, 32, 1), np.float32)})
   jax.tree.map(lambda a, b: np.testing.assert_(not np.allclose(a, b)),
                {"p": result.state.params["predictor"]["linear1"]["kernel"],
                 "b": result.state.params["backbone"]["conv1_1"]["kernel"]},

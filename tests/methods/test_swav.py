@@ -142,8 +142,9 @@ def test_trainer_keeps_prototypes_unit_norm_and_frozen_then_fills_the_queue(tmp_
   assert [s for s, *_ in seen] == list(range(1, 7))
   # Unit-norm prototypes after every step; unchanged during the first 3 (frozen) steps, while
   # the backbone moves; changed after.
-  init = SwAVMethod(config).init(jax.random.split(jax.random.PRNGKey(config.seed))[0],
-                                 {"image": np.zeros((8, 32, 32, 1), np.float32)})
+  init_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+  init = jax.jit(SwAVMethod(config).init, compiler_options=trainer.init_compiler_options())(
+      init_key, {"image": np.zeros((8, 32, 32, 1), np.float32)})
   protos0 = np.asarray(init["params"]["prototypes"]["kernel"])
   for _, protos, _, _ in seen:
     np.testing.assert_allclose(np.linalg.norm(protos, axis=0), 1.0, rtol=1e-5)
