@@ -27,10 +27,9 @@ import os
 import time
 
 import numpy as np
-import scipy.stats
 
 from jaxmed.config import load_config
-from jaxmed.evaluate import crossval
+from jaxmed.evaluate.compare import paired_p_values
 from jaxmed.runner import run_config
 
 METRICS = (("dice", "Dice", True), ("hd95", "HD95 (mm)", False), ("msd", "MSD (mm)", False))
@@ -88,11 +87,11 @@ def comparison(regions, scratch: list[dict], pretrained: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
   for metric, label, _ in METRICS:
     a, b = pooled(scratch, metric), pooled(pretrained, metric)
+    p_values = paired_p_values(a, b)  # pairs with an infinite distance left out
     for r, region in enumerate(regions):
       keep = np.isfinite(a[:, r]) & np.isfinite(b[:, r])
       diff = b[keep, r] - a[keep, r]
-      p = (scipy.stats.ttest_rel(b[keep, r], a[keep, r]).pvalue
-           if keep.sum() > 1 and np.any(diff != 0) else float("nan"))
+      p = p_values[r]
       mean_diff = f"{diff.mean():+.3f}" if keep.any() else "n/a"
       lines.append(f"| {label} | {region} | {_cell(a[:, r])} | {_cell(b[:, r])} | {mean_diff} | "
                    f"{p:.3g} | {int(keep.sum())} |")
