@@ -7,6 +7,9 @@
   ``train``).
 * `simsiam_loss`: SimSiam's symmetric negative cosine with stop-gradient (Chen & He 2021,
   "Exploring Simple Siamese Representation Learning", Eqs. 1-2 and Alg. 1).
+* `cmcl_loss`: DAE's cross-modal contrastive loss (Valanarasu et al., "Disruptive
+  Autoencoders", Eqs. 3-5), CLIP's symmetric cross-entropy with targets from the modality;
+  `global_average_pool` pools a feature map into its embedding.
 
 Every reduction over the batch is a plain ``jnp`` sum or mean over the full (global) batch axis:
 under one global ``jax.jit`` with the batch sharded by a ``NamedSharding``, XLA turns them into
@@ -16,6 +19,7 @@ the result on one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -160,11 +164,15 @@ def negative_cosine(p, z, *, eps: float = 1e-8) -> jax.Array:
   return _neg_cos(p, z, eps)
 
 
+def _l2_normalize(x, eps):
+  """``x / max(||x||, eps)`` along the last axis (PyTorch's ``F.normalize``)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def _neg_cos(p, z, eps):
   p = jnp.asarray(p, jnp.float32)
   z = jax.lax.stop_gradient(jnp.asarray(z, jnp.float32))
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-  return -jnp.mean(jnp.sum(unit(p) * unit(z), axis=-1))
+  return -jnp.mean(jnp.sum(_l2_normalize(p, eps) * _l2_normalize(z, eps), axis=-1))
 
 
 def simsiam_loss(p1, p2, z1, z2, *, eps: float = 1e-8) -> jax.Array:
@@ -190,3 +198,121 @@ def simsiam_loss(p1, p2, z1, z2, *, eps: float = 1e-8) -> jax.Array:
     raise ValueError(f"{fn}: p1, p2, z1, z2 must have the same (B, D) shape; got "
                      + ", ".join(f"{k} {v}" for k, v in shapes.items()))
   return 0.5 * _neg_cos(p1, z2, eps) + 0.5 * _neg_cos(p2, z1, eps)
+
+
+CMCL_FORMS = ("normalized", "reference")
+
+
+def global_average_pool(features) -> jax.Array:
+  """Mean over the spatial axes, in float32: ``(N, *S, C) -> (N, C)``.
+
+  The embedding that :func:`cmcl_loss` recommends: e.g. Swin-UNETR's ``hidden_states_4``
+  ``(N, D/32, H/32, W/32, 16 F)`` pooled to ``(N, 16 F)``.
+  """
+  fn = "global_average_pool"
+  shape = _shape(features, "features", fn)
+  if len(shape) < 3 or min(shape) < 1:
+    raise ValueError(f"{fn}: features must be a non-empty (N, *spatial, C) array with at "
+                     f"least one spatial axis; got shape {shape}")
+  return jnp.mean(jnp.asarray(features, jnp.float32), axis=tuple(range(1, len(shape) - 1)))
+
+
+def cmcl_loss(embeddings, modality_ids, *, temperature: float = 0.07,
+              form: str = "normalized", eps: float = 1e-8) -> jax.Array:
+  """DAE's cross-modal contrastive loss (Eqs. 3-4 of Disruptive Autoencoders), in float32.
+
+  Samples of the same modality (CT, T1, T1ce, T2, FLAIR) are positives of each other. Eq. 3
+  ``z_sim = z z^T exp(t)``, Eq. 4 ``CE(z_sim, z_label)`` along both axes; the pre-training loss
+  is ``L1 + alpha * cmcl_loss`` (Eq. 5; alpha 0.05 in the paper, weighted by the caller).
+
+  ``form="normalized"`` (the default, recommended): CLIP-style with supervised targets::
+
+      z = embeddings / max(||embeddings||, eps)           # L2-normalised rows
+      logits = z z^T / temperature                       # cosine / temperature
+      Y_ij = [modality_i == modality_j]                  # the diagonal included
+      rows    = -mean_i sum_j Y_ij / sum_j Y_ij * log softmax_j(logits_i.)
+      columns = -mean_j sum_i Y_ij / sum_i Y_ij * log softmax_i(logits_.j)
+      loss = (rows + columns) / 2
+
+  Its minimum over embeddings is approached when each modality collapses to one direction far
+  from the others: a sample whose modality has ``m`` members in the batch contributes at least
+  ``log m`` (``log N`` exactly for one modality and identical embeddings). The loss is invariant
+  to permuting the batch. Sample batches so that modalities repeat: a modality seen once only
+  has itself as positive.
+
+  ``form="reference"``: the reference code's literal form (research-contributions
+  ``DAE/Pretrain_full_contrast/models/simmim_advanced.py``, ``SimMIMSkip.forward``)::
+
+      logits = z z^T * exp(temperature)                  # raw dot products, no normalisation
+      _, labels = np.unique(modality_ids, return_inverse=True)
+      loss = (cross_entropy(logits, labels) + cross_entropy(logits.T, labels)) / 2
+
+  with hard-label softmax cross-entropy, the mean over rows. The reference feeds the flattened
+  bottleneck ``hidden_states_out[4]`` (about 20k values at 96^3) and ``temperature`` 0.07, so it
+  multiplies the logits by ``exp(0.07) ~ 1.07`` rather than dividing by 0.07. Its labels are a
+  bug kept here: row ``i``'s target is column ``labels[i]``, the rank of sample ``i``'s modality
+  among the modalities present in the batch, i.e. whichever sample happens to sit at that batch
+  position, so this form is not invariant to permuting the batch. Use it only to reproduce the
+  reference.
+
+  Under one global ``jax.jit`` with the batch sharded, the batch is the global batch.
+
+  Args:
+    embeddings: ``(N, F)`` per-sample embeddings (e.g. :func:`global_average_pool` of the
+      bottleneck, or the flattened bottleneck for the reference form), any float dtype; the loss
+      is computed in float32.
+    modality_ids: ``(N,)`` integer modality of each sample (any integer coding).
+    temperature: ``"normalized"``: the softmax temperature (> 0), logits = cos / temperature;
+      ``"reference"``: the exponent ``t`` of the scale ``exp(t)`` (any finite number).
+    form: ``"normalized"`` or ``"reference"``.
+    eps: norm guard of the L2 normalisation (``"normalized"`` only).
+
+  Returns:
+    The scalar float32 loss (before the weight alpha).
+  """
+  fn = "cmcl_loss"
+  n, _ = _check_2d(embeddings, "embeddings", fn)
+  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+    raise TypeError(f"{fn}: embeddings must be a float array; got dtype {embeddings.dtype}")
+  m_shape = _shape(modality_ids, "modality_ids", fn)
+  if m_shape != (n,):
+    raise ValueError(f"{fn}: modality_ids must have shape (N,) = ({n},) for embeddings of "
+                     f"shape {tuple(embeddings.shape)}; got {m_shape}")
+  if not jnp.issubdtype(modality_ids.dtype, jnp.integer):
+    raise TypeError(f"{fn}: modality_ids must be an integer array; got dtype "
+                    f"{modality_ids.dtype}")
+  if form not in CMCL_FORMS:
+    raise ValueError(f"{fn}: form must be one of {CMCL_FORMS}; got form={form!r}")
+  temperature = float(temperature)
+  if form == "normalized" and not temperature > 0:
+    raise ValueError(f"{fn}: temperature must be > 0 for form='normalized'; got {temperature}")
+  if not abs(temperature) < float("inf"):
+    raise ValueError(f"{fn}: temperature must be finite; got {temperature}")
+
+  return _cmcl(embeddings, modality_ids, jnp.float32(temperature), jnp.float32(eps), form)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _cmcl(embeddings, modality_ids, temperature, eps, form):
+  z = jnp.asarray(embeddings, jnp.float32)
+  ids = jnp.asarray(modality_ids)
+  n = z.shape[0]
+  same = ids[:, None] == ids[None, :]                                   # (N, N) Y
+  if form == "normalized":
+    z = _l2_normalize(z, eps)
+    logits = z @ z.T / temperature
+    y = same.astype(jnp.float32)
+    rows = -jnp.sum(y / jnp.sum(y, axis=1, keepdims=True)
+                    * jax.nn.log_softmax(logits, axis=1), axis=1)
+    cols = -jnp.sum(y / jnp.sum(y, axis=0, keepdims=True)
+                    * jax.nn.log_softmax(logits, axis=0), axis=0)
+    return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
+  logits = z @ z.T * jnp.exp(temperature)
+  # np.unique's inverse indices with static shapes: the number of distinct modalities below
+  # sample i's, counting each modality at its first occurrence only.
+  first = ~jnp.any(jnp.tril(same, k=-1), axis=1)                        # (N,) first occurrences
+  labels = jnp.sum(first[None, :] & (ids[None, :] < ids[:, None]), axis=1)
+  pick = jax.nn.one_hot(labels, n, dtype=jnp.float32)                   # (N, N) row i -> labels[i]
+  rows = -jnp.sum(pick * jax.nn.log_softmax(logits, axis=1), axis=1)
+  cols = -jnp.sum(pick * jax.nn.log_softmax(logits.T, axis=1), axis=1)
+  return 0.5 * (jnp.mean(rows) + jnp.mean(cols))

@@ -1,8 +1,10 @@
 """Perceptual losses through a frozen loss network: the CoPer loss (Eqs. 3-4 of
-coper_contrastive_perceptual_metric).
+coper_contrastive_perceptual_metric) and its slice-wise use on volumes, ViT-AE++'s perceptual
+loss (Eq. 1 of vit_ae_plus_plus).
 
     features_fn = network_features(VGG16(batch_norm=True), variables)   # frozen, eval mode
     loss = coper_loss(pred, target, features_fn)     # gradient to pred, none to the network
+    loss = volume_perceptual_loss(pred_volume, target_volume, features_fn, num_slices=8, key=k)
 
 ``coper_loss`` is pure: ``features_fn(x (N, H, W, 3)) -> {tap: (N, H_i, W_i, C_i)}`` is any
 function of an image batch (a dict or a sequence of tap arrays). :func:`network_features` builds
@@ -20,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # ReLU taps read by default (LPIPS's: relu1_2 .. relu5_3 of VGG-16; for a ResNet the ReLU after
 # conv1/bn1 before the max-pool, then the output of every stage, each ending in a ReLU), keyed
@@ -53,6 +56,22 @@ def _taps(features) -> list[jax.Array]:
   return taps
 
 
+def _check_pair(fn: str, pred, target, features_fn, layout: str) -> tuple[jax.Array, jax.Array]:
+  """``pred`` and ``target`` as real arrays of one shape laid out as ``layout``."""
+  if not callable(features_fn):
+    raise TypeError(f"{fn}: features_fn must be callable; got {type(features_fn).__name__}")
+  pred, target = jnp.asarray(pred), jnp.asarray(target)
+  ndim = len(layout.split(","))
+  if pred.ndim != ndim:
+    raise ValueError(f"{fn}: pred must be {layout} (ndim {ndim}); got shape {pred.shape}")
+  if target.shape != pred.shape:
+    raise ValueError(f"{fn}: target shape {target.shape} must equal pred shape {pred.shape}")
+  for name, x in (("pred", pred), ("target", target)):
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise ValueError(f"{fn}: {name} must be real; got complex dtype {x.dtype}")
+  return pred, target
+
+
 def coper_loss(pred: jax.Array, target: jax.Array, features_fn: FeaturesFn) -> jax.Array:
   """CoPer loss, Eqs. 3-4 of coper_contrastive_perceptual_metric.
 
@@ -78,13 +97,7 @@ def coper_loss(pred: jax.Array, target: jax.Array, features_fn: FeaturesFn) -> j
   Returns:
     float32 scalar.
   """
-  if not callable(features_fn):
-    raise TypeError(f"features_fn must be callable; got {type(features_fn).__name__}")
-  pred, target = jnp.asarray(pred), jnp.asarray(target)
-  if pred.ndim != 4:
-    raise ValueError(f"pred must be (N, H, W, C) (ndim 4); got shape {pred.shape}")
-  if target.shape != pred.shape:
-    raise ValueError(f"target shape {target.shape} must equal pred shape {pred.shape}")
+  pred, target = _check_pair("coper_loss", pred, target, features_fn, "(N, H, W, C)")
 
   def per_channel(x):
     # (N, H, W, n) -> (n N, H, W, 3): channel j alone, grey repeated to 3 channels.
@@ -105,6 +118,66 @@ def coper_loss(pred: jax.Array, target: jax.Array, features_fn: FeaturesFn) -> j
     # Every image's squared norm / (C H W), averaged over the n N images: the mean.
     terms.append(jnp.mean(jnp.square(diff)))
   return jnp.mean(jnp.stack(terms))
+
+
+def slice_indices(key: jax.Array, depth: int, num_slices: int) -> jax.Array:
+  """The ``num_slices`` slice indices in ``[0, depth)`` that `volume_perceptual_loss` draws
+  from ``key``: without replacement, in drawn order, ``(num_slices,)`` int32."""
+  return jax.random.choice(key, depth, (num_slices,), replace=False)
+
+
+def volume_perceptual_loss(pred: jax.Array, target: jax.Array, features_fn: FeaturesFn, *,
+                           num_slices: int = 0, key: jax.Array | None = None,
+                           stop_gradient: bool = False) -> jax.Array:
+  """Slice-wise perceptual loss of a volume, Eq. 1 of vit_ae_plus_plus.
+
+      L_per = mean over slices i, modalities j, taps l of
+              ||VGG_l(x_ij) - VGG_l(xhat_ij)||^2 / (C_l H_l W_l)
+
+  The 2D slices are taken along the first spatial axis ``D`` (the reference code's), each
+  example's ``d`` slices become ``N d`` images, and `coper_loss` compares them: every modality
+  alone repeated to 3 channels, the feature MSE per tap averaged over the taps, the modalities
+  and the images (the paper's sum over slices read as the reference code's mean). With
+  ``num_slices > 0`` only that many slice indices are used, drawn without replacement from
+  ``key`` (`slice_indices`; the same indices for ``pred`` and ``target`` and for every example),
+  which bounds the cost of a VGG pass per slice; ``0`` uses all ``D`` slices.
+
+  Gradient: by default (the paper, whose Eq. 4 trains on it) the loss flows back to ``pred``;
+  ``stop_gradient=True`` is the reference code's behaviour (computed under ``torch.no_grad``,
+  only logged): same value, zero gradient to ``pred``. The target never gets a gradient, and
+  neither does the loss network when ``features_fn`` holds its variables constant (as
+  :func:`network_features` does).
+
+  Args:
+    pred: ``(N, D, H, W, C)`` reconstruction, ``C`` modalities.
+    target: ``(N, D, H, W, C)`` ground truth, same shape.
+    features_fn: ``(M, H, W, 3) -> {tap: (M, H_l, W_l, C_l)}``, as for `coper_loss` (ViT-AE++:
+      a VGG-16's relu1_2, relu2_2, relu3_3, relu4_3, no ImageNet normalisation).
+    num_slices: number of slices per volume, in ``[0, D]`` (0: all); static.
+    key: PRNG key of the slice draw; required when ``num_slices > 0``.
+    stop_gradient: ``True`` for the reference code's logged-only loss.
+
+  Returns:
+    float32 scalar.
+  """
+  fn = "volume_perceptual_loss"
+  pred, target = _check_pair(fn, pred, target, features_fn, "(N, D, H, W, C)")
+  depth = pred.shape[1]
+  if isinstance(num_slices, bool) or not isinstance(num_slices, (int, np.integer)) or not (
+      0 <= num_slices <= depth):
+    raise ValueError(f"{fn}: num_slices must be an int in [0, D={depth}]; got {num_slices!r}")
+  if num_slices > 0 and key is None:
+    raise ValueError(f"{fn}: key is required when num_slices > 0 (got num_slices={num_slices})")
+  if stop_gradient:
+    pred = jax.lax.stop_gradient(pred)
+  if num_slices > 0:
+    idx = slice_indices(key, depth, int(num_slices))
+    pred, target = jnp.take(pred, idx, axis=1), jnp.take(target, idx, axis=1)
+
+  def slices(x):  # (N, d, H, W, C) -> (N d, H, W, C)
+    return x.reshape(-1, *x.shape[2:])
+
+  return coper_loss(slices(pred), slices(target), features_fn).astype(jnp.float32)
 
 
 def preprocess_image(x: jax.Array, mode: str = "none") -> jax.Array:

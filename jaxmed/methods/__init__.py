@@ -9,11 +9,12 @@ from jaxmed.methods.segmentation import SegmentationMethod
 from jaxmed.methods.si import SourceIdentificationMethod
 from jaxmed.methods.simsiam import SimSiamMethod
 from jaxmed.methods.swav import SwAVMethod
+from jaxmed.methods.vit_ae_pp import ViTAEPlusPlusMethod
 
 METHODS = {m.name: m for m in (ContextPredictionMethod, CoPerSynthesisMethod,
                                ReconstructionMethod, RestorationMethod,
                                SegmentationMethod, SourceIdentificationMethod,
-                               SimSiamMethod, SwAVMethod)}
+                               SimSiamMethod, SwAVMethod, ViTAEPlusPlusMethod)}
 
 
 def get_method(config) -> Method:
@@ -26,4 +27,4 @@ def get_method(config) -> Method:
 
 __all__ = ["METHODS", "Method", "CoPerSynthesisMethod", "ContextPredictionMethod",
            "ReconstructionMethod", "RestorationMethod", "SegmentationMethod", "SimSiamMethod",
-           "SourceIdentificationMethod", "SwAVMethod", "get_method"]
+           "SourceIdentificationMethod", "SwAVMethod", "ViTAEPlusPlusMethod", "get_method"]

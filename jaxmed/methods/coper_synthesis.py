@@ -43,20 +43,16 @@ Config sections: ``synthesis``, ``loss`` (``lambda1``, ``lambda2``), ``generator
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxmed.losses import coper_loss, l1_loss, network_features
-from jaxmed.losses.perceptual import PREPROCESS
+from jaxmed.losses import coper_loss, l1_loss
+from jaxmed.methods.loss_network import (FrozenLossNetwork, loss_net_section,
+                                         network_variables, with_network_state)
 from jaxmed.methods.base import Method
 from jaxmed.models.registry import build_model, model_defaults
 
-LOSS_NET_SOURCES = ("none", "random", "pretrained")
 NORMALIZATIONS = ("fixed", "slice")
 # pix2pix's loss_D = (loss_D_fake + loss_D_real) * 0.5.
 D_LOSS_SCALE = 0.5
@@ -81,22 +77,7 @@ def _bce(logits: jax.Array, target: float) -> jax.Array:
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
 
 
-def network_variables(variables: Mapping[str, Any], name: str) -> dict:
-  """The variables of network ``name`` (``"generator"``, ...) from the method's variables, in
-  every collection that has it."""
-  return {c: tree[name] for c, tree in variables.items()
-          if isinstance(tree, Mapping) and name in tree}
-
-
-def _with_network_state(model_state: Mapping[str, Any], name: str, updates: Mapping) -> dict:
-  """``model_state`` with network ``name``'s collections replaced by ``updates``."""
-  out = dict(model_state)
-  for collection, tree in updates.items():
-    out[collection] = {**out.get(collection, {}), name: tree}
-  return out
-
-
-class CoPerSynthesisMethod(Method):
+class CoPerSynthesisMethod(FrozenLossNetwork, Method):
   """pix2pix with the CoPer loss (Eq. 5); see the module docstring for the config."""
 
   name = "coper_synthesis"
@@ -138,36 +119,15 @@ class CoPerSynthesisMethod(Method):
     if not 0.0 <= self.lambda1 <= 1.0 or self.lambda2 < 0.0:
       raise ValueError(f"loss.lambda1 must be in [0, 1] and loss.lambda2 >= 0; got "
                        f"lambda1={self.lambda1}, lambda2={self.lambda2}")
-    self.loss_source = config.loss_net.source
-    if self.loss_source not in LOSS_NET_SOURCES:
-      raise ValueError(f"loss_net.source must be one of {LOSS_NET_SOURCES}; got "
-                       f"{self.loss_source!r}")
-    if self.loss_source == "none" and self.lambda1 != 1.0:
+    if config.loss_net.source == "none" and self.lambda1 != 1.0:
       raise ValueError(f"loss_net.source='none' leaves no CoPer term: set loss.lambda1=1 (L1 "
                        f"only); got lambda1={self.lambda1}")
-    if self.loss_source == "pretrained" and not config.loss_net.path:
-      raise ValueError("loss_net.source='pretrained' needs loss_net.path (a jaxmed run or a "
-                       "PyTorch file)")
-    if self.loss_source == "random" and config.loss_net.path:
-      raise ValueError(f"loss_net.source='random' ignores loss_net.path="
-                       f"{config.loss_net.path!r}: set source='pretrained' or clear the path")
+    self.check_loss_net(config)
     groups = dict(config.get("param_groups") or {})
     for name in ("generator", "discriminator"):
       if name not in groups or groups[name].get("frozen", False):
         raise ValueError(f"param_groups needs a trainable {name!r} group (pattern "
                          f"'{name}/.*'); got {sorted(groups)}")
-    has_group = "loss_net" in groups
-    if (self.loss_source != "none") != has_group or (
-        has_group and not groups["loss_net"].get("frozen", False)):
-      raise ValueError("param_groups.loss_net must be a frozen group exactly when there is a "
-                       f"loss network (loss_net.source={self.loss_source!r}); got "
-                       f"{sorted(groups)}")
-    self.taps = tuple(config.loss_net.taps) or None
-    self.preprocess = config.loss_net.preprocess
-    if self.preprocess not in PREPROCESS:
-      raise ValueError(f"loss_net.preprocess must be one of {PREPROCESS}; got "
-                       f"{self.preprocess!r}")
-    self._pretrained = None
     super().__init__(config)
 
   @classmethod
@@ -182,9 +142,8 @@ class CoPerSynthesisMethod(Method):
         # pix2pix: U-Net-256, batch norm, dropout 0.5; 70x70 PatchGAN (n_layers 3).
         "generator": dict(num_downs=8, ngf=64, norm="batch", dropout=0.5, dtype="float32"),
         "discriminator": dict(ndf=64, n_layers=3, norm="batch", dtype="float32"),
-        "loss_net": dict(source="random", model={"name": "vgg16", **vgg, "batch_norm": True},
-                         taps=(), preprocess="swav", seed=0, path="", step=None, prefix="",
-                         converter="", converter_kwargs=None, key="", strip=()),
+        "loss_net": loss_net_section({"name": "vgg16", **vgg, "batch_norm": True},
+                                     preprocess="swav"),
         "param_groups": {
             "generator": dict(pattern="generator/.*", frozen=False, freeze_steps=0,
                               optim=dict(_ADAM)),
@@ -206,10 +165,7 @@ class CoPerSynthesisMethod(Method):
     self.generator = build_model("pix2pix_generator", out_channels=len(self.targets),
                                  **cfg.generator)
     self.discriminator = build_model("patchgan", **cfg.discriminator)
-    self.loss_module = None
-    if self.loss_source != "none":
-      self.loss_module = build_model(**cfg.loss_net.model)
-      self._jitted_loss_net_init = jax.jit(self._loss_net_init)  # eager init is slow
+    self.build_loss_net()
     return self.generator
 
   def init(self, key, batch):
@@ -233,48 +189,6 @@ class CoPerSynthesisMethod(Method):
     collections = dict.fromkeys(c for v in nets.values() for c in v)
     return {c: {name: dict(v[c]) for name, v in nets.items() if c in v} for c in collections}
 
-  def _loss_net_init(self, key):
-    # The whole feature extractor (every conv), whatever the taps: parameter shapes do not
-    # depend on the spatial size, and a checkpoint converts into the full network.
-    return self.loss_module.init(key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
-
-  def loss_net_variables(self) -> dict:
-    """The loss network's variables: seeded random ("random") or loaded ("pretrained")."""
-    cfg = self.config.loss_net
-    if self.loss_source == "random":
-      return self._jitted_loss_net_init(jax.random.PRNGKey(int(cfg.seed)))
-    if self._pretrained is None:
-      raise ValueError(
-          f"loss_net.source='pretrained': the loss network from {cfg.path!r} is loaded by the "
-          "trainer before init (jaxmed.train.init.load_frozen_networks(method)); call it "
-          "first when building the method yourself")
-    return self._pretrained
-
-  def frozen_networks(self) -> dict[str, tuple[dict, Any]]:
-    """``{"loss_net": (load spec, variable shapes)}`` when the loss network is read from
-    ``loss_net.path``: the trainer loads it before initialising
-    (`jaxmed.train.init.load_frozen_networks`: a jaxmed run, its module found by shape when
-    ``prefix`` is "", or a PyTorch file through ``converter``) and hands it to
-    `set_frozen_network`; reading weights is the trainer side's business."""
-    if self.loss_source != "pretrained":
-      return {}
-    cfg = self.config.loss_net
-    spec = {k: cfg[k] for k in ("path", "step", "prefix", "converter", "converter_kwargs",
-                                "key", "strip") if k in cfg}
-    return {"loss_net": (spec, jax.eval_shape(self._loss_net_init, jax.random.PRNGKey(0)))}
-
-  def set_frozen_network(self, name: str, variables) -> None:
-    """Receives the frozen network ``name`` loaded for `frozen_networks`."""
-    if name != "loss_net":
-      raise ValueError(f"coper_synthesis has no frozen network {name!r}; it has 'loss_net'")
-    self._pretrained = jax.tree.map(jnp.asarray, variables)
-
-  def features_fn(self, variables):
-    """``x (M, H, W, 3) in [-1, 1] -> {tap: features}`` of the frozen loss network
-    (`jaxmed.losses.network_features`: eval mode, no gradient to its variables)."""
-    return network_features(self.loss_module, network_variables(variables, "loss_net"),
-                            taps=self.taps, preprocess=self.preprocess)
-
   def _generate(self, variables, x, *, train: bool, key=None):
     """``(G(x), generator collection updates)``; train mode uses batch statistics and
     dropout (``key``) and returns the updated ``batch_stats``."""
@@ -297,7 +211,7 @@ class CoPerSynthesisMethod(Method):
     del kwargs
     out, updates = self._generate(variables, x, train=train, key=key)
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    return out, _with_network_state(model_state, "generator", updates)
+    return out, with_network_state(model_state, "generator", updates)
 
   def generate(self, variables, inputs):
     """The synthesised targets ``(N, H, W, len(targets))`` in [-1, 1] of normalised inputs
@@ -394,11 +308,11 @@ class CoPerSynthesisMethod(Method):
     model_state = {k: v for k, v in variables.items() if k != "params"}
     logits_fake, updates = self._discriminate(
         variables, jnp.concatenate([inputs, fake], axis=-1), train=train)
-    model_state = _with_network_state(model_state, "discriminator", updates)
+    model_state = with_network_state(model_state, "discriminator", updates)
     logits_real, updates = self._discriminate(
         {"params": variables["params"], **model_state},
         jnp.concatenate([inputs, target], axis=-1), train=train)
-    model_state = _with_network_state(model_state, "discriminator", updates)
+    model_state = with_network_state(model_state, "discriminator", updates)
     loss_fake, loss_real = _bce(logits_fake, 0.0), _bce(logits_real, 1.0)
     loss = D_LOSS_SCALE * (loss_fake + loss_real)
     metrics = {"loss_d": loss, "d_real": jnp.mean(jax.nn.sigmoid(logits_real)),
@@ -426,7 +340,7 @@ class CoPerSynthesisMethod(Method):
     adv_fake = fake if self.lambda2 > 0.0 else jax.lax.stop_gradient(fake)
     logits, updates = self._discriminate(
         variables, jnp.concatenate([inputs, adv_fake], axis=-1), train=train)
-    model_state = _with_network_state(model_state, "discriminator", updates)
+    model_state = with_network_state(model_state, "discriminator", updates)
     adv = _bce(logits, 1.0)
     loss = self.lambda1 * l1 + (1.0 - self.lambda1) * coper + self.lambda2 * adv
     return loss, ({"loss_g": loss, "l1": l1, "coper": coper, "adv": adv}, model_state)
@@ -438,7 +352,7 @@ class CoPerSynthesisMethod(Method):
     prep_key, gen_key = jax.random.split(key)
     inputs, target = self.prepare(batch, prep_key if train else None)
     fake, updates = self._generate(variables, inputs, train=train, key=gen_key)
-    model_state = _with_network_state({k: v for k, v in variables.items() if k != "params"},
+    model_state = with_network_state({k: v for k, v in variables.items() if k != "params"},
                                       "generator", updates)
     loss_d, (metrics_d, model_state) = self.discriminator_loss(
         {"params": variables["params"], **model_state}, inputs, target,
@@ -465,7 +379,7 @@ class CoPerSynthesisMethod(Method):
 
     fake, g_vjp, g_updates = jax.vjp(generate, params["generator"], has_aux=True)
     state = state.replace(
-        model_state=_with_network_state(state.model_state, "generator", g_updates))
+        model_state=with_network_state(state.model_state, "generator", g_updates))
 
     def d_loss(d_params):
       variables = {"params": {**params, "discriminator": d_params}, **state.model_state}

@@ -1,5 +1,6 @@
-"""SwAV's Sinkhorn-Knopp and swapped prediction, SimSiam's loss: NumPy / PyTorch transcriptions
-of the reference code, known values, stop-gradients, and global sums under a sharded jit."""
+"""SwAV's Sinkhorn-Knopp and swapped prediction, SimSiam's loss, DAE's CMCL: NumPy / PyTorch
+transcriptions of the reference code, known values, stop-gradients, and global sums under a
+sharded jit."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmed.losses import negative_cosine, simsiam_loss, sinkhorn_knopp, swav_loss
+from jaxmed.losses.contrastive import cmcl_loss, global_average_pool
 from jaxmed.train import sharding
 
 
@@ -188,3 +190,116 @@ def test_simsiam_errors():
     simsiam_loss(a[0], a, a, a)
   with pytest.raises(ValueError, match="p and z must have the same shape"):
     negative_cosine(a, a[:2])
+
+
+# --------------------------------------------------------------------------------------------
+# DAE's cross-modal contrastive loss (Eqs. 3-4).
+
+
+def numpy_cmcl(z, ids, temperature):
+  """The recommended form in float64: cosine / T, soft targets Y / sum(Y) on rows and columns."""
+  z = z.astype(np.float64)
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  logits = z @ z.T / temperature
+  y = (ids[:, None] == ids[None, :]).astype(np.float64)
+
+  def log_softmax(a, axis):
+    a = a - a.max(axis=axis, keepdims=True)
+    return a - np.log(np.exp(a).sum(axis=axis, keepdims=True))
+
+  rows = -(y / y.sum(1, keepdims=True) * log_softmax(logits, 1)).sum(1).mean()
+  cols = -(y / y.sum(0, keepdims=True) * log_softmax(logits, 0)).sum(0).mean()
+  return (rows + cols) / 2
+
+
+def torch_reference_cmcl(z, ids, temperature):
+  """DAE simmim_advanced.py SimMIMSkip.forward's "MM Cont Loss", on CPU."""
+  _, b = np.unique(np.array(ids), return_inverse=True)
+  label_tmp = torch.tensor(b)
+  z = torch.tensor(z, dtype=torch.float64)
+  bsz = z.shape[0]
+  logits_con = torch.einsum("i d, j d -> i j", z.reshape(bsz, -1), z.reshape(bsz, -1)) * \
+      torch.exp(torch.tensor(temperature, dtype=torch.float64))
+  loss_t = torch.nn.functional.cross_entropy(logits_con, label_tmp)
+  loss_i = torch.nn.functional.cross_entropy(logits_con.T, label_tmp)
+  return float((loss_t + loss_i) / 2)
+
+
+IDS = np.array([3, 0, 3, 4, 0, 3, 1], np.int32)  # repeated, non-contiguous modality codes
+Z = np.random.default_rng(5).normal(size=(7, 6)).astype(np.float32)
+
+
+def test_cmcl_known_values_both_forms():
+  for t in (0.07, 0.5):
+    np.testing.assert_allclose(float(cmcl_loss(Z, IDS, temperature=t)), numpy_cmcl(Z, IDS, t),
+                               rtol=1e-5)
+    ours = cmcl_loss(Z * 0.3, IDS, temperature=t, form="reference")
+    np.testing.assert_allclose(float(ours), torch_reference_cmcl(Z * 0.3, IDS, t), rtol=1e-5)
+  # One sample: its own positive, loss 0.
+  np.testing.assert_allclose(float(cmcl_loss(Z[:1], IDS[:1])), 0.0, atol=1e-7)
+
+
+def test_cmcl_minimum_closed_form():
+  # One modality, identical embeddings: uniform softmax and uniform targets, log N (both forms).
+  same = np.tile(Z[:1], (5, 1))
+  ones = np.zeros(5, np.int32)
+  np.testing.assert_allclose(float(cmcl_loss(same, ones)), np.log(5), rtol=1e-6)
+  np.testing.assert_allclose(float(cmcl_loss(same, ones, form="reference")), np.log(5), rtol=1e-6)
+  assert float(cmcl_loss(Z[:5], ones)) > np.log(5) + 0.01
+  # Two modalities collapsed onto opposite directions (cos +1 within, -1 across): a row of a
+  # modality with a members against b others scores log(a + b exp(-2 / T)).
+  t = 0.1
+  ids = np.array([0, 1, 0, 0, 1], np.int32)
+  z = np.where(ids[:, None] == 0, Z[:1], -Z[:1])
+  closed = np.mean([np.log(3 + 2 * np.exp(-2 / t)) if i == 0 else np.log(2 + 3 * np.exp(-2 / t))
+                    for i in ids])
+  np.testing.assert_allclose(float(cmcl_loss(z, ids, temperature=t)), closed, rtol=1e-5)
+  # The infimum mean_i log(m_i) is the bound every batch respects.
+  bound = np.mean([np.log(np.sum(ids == i)) for i in ids])
+  assert bound < closed < float(cmcl_loss(Z[:5], ids, temperature=t))
+
+
+def test_cmcl_is_permutation_invariant_but_the_reference_form_is_not():
+  perm = np.array([4, 6, 0, 2, 5, 1, 3])
+  np.testing.assert_allclose(float(cmcl_loss(Z[perm], IDS[perm])), float(cmcl_loss(Z, IDS)),
+                             rtol=1e-6)
+  # The reference's targets are column positions (np.unique inverse indices): a bug kept
+  # literally, so shuffling the batch changes its value.
+  ref, shuffled = (float(cmcl_loss(Z[p] * 0.3, IDS[p], form="reference"))
+                   for p in (np.arange(7), perm))
+  assert abs(ref - shuffled) > 1e-3
+  np.testing.assert_allclose(shuffled, torch_reference_cmcl(Z[perm] * 0.3, IDS[perm], 0.07),
+                             rtol=1e-5)
+
+
+def test_cmcl_bfloat16_gradients_are_finite_and_the_loss_is_float32():
+  z = jnp.asarray(Z, jnp.bfloat16)
+  loss, grad = jax.jit(jax.value_and_grad(cmcl_loss))(z, jnp.asarray(IDS))
+  assert loss.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+  assert np.all(np.isfinite(np.asarray(grad, np.float32))) and float(jnp.abs(grad).sum()) > 0
+  np.testing.assert_allclose(float(loss), numpy_cmcl(np.asarray(z, np.float32), IDS, 0.07),
+                             rtol=1e-5)
+  # Pooled feature maps: global_average_pool(N, *S, C) -> (N, C) in float32.
+  feats = np.random.default_rng(1).normal(size=(3, 2, 4, 2, 5)).astype(np.float32)
+  pooled = global_average_pool(jnp.asarray(feats, jnp.bfloat16))
+  assert pooled.shape == (3, 5) and pooled.dtype == jnp.float32
+  np.testing.assert_allclose(pooled, feats.mean(axis=(1, 2, 3)), atol=2e-2)
+
+
+def test_cmcl_errors():
+  with pytest.raises(ValueError, match=r"embeddings must be a non-empty \(B, D\) array; got shape "
+                                       r"\(2, 3, 4\)"):
+    cmcl_loss(np.zeros((2, 3, 4), np.float32), np.zeros(2, np.int32))
+  with pytest.raises(TypeError, match="embeddings must be a float array; got dtype int32"):
+    cmcl_loss(np.zeros((2, 3), np.int32), np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match=r"modality_ids must have shape \(N,\) = \(2,\) for "
+                                       r"embeddings of shape \(2, 3\); got \(3,\)"):
+    cmcl_loss(np.zeros((2, 3), np.float32), np.zeros(3, np.int32))
+  with pytest.raises(TypeError, match="modality_ids must be an integer array; got dtype float32"):
+    cmcl_loss(np.zeros((2, 3), np.float32), np.zeros(2, np.float32))
+  with pytest.raises(ValueError, match="form must be one of .*got form='clip'"):
+    cmcl_loss(np.zeros((2, 3), np.float32), np.zeros(2, np.int32), form="clip")
+  with pytest.raises(ValueError, match="temperature must be > 0 for form='normalized'; got 0.0"):
+    cmcl_loss(np.zeros((2, 3), np.float32), np.zeros(2, np.int32), temperature=0.0)
+  with pytest.raises(ValueError, match=r"global_average_pool: features must be .*\(4, 5\)"):
+    global_average_pool(np.zeros((4, 5), np.float32))

@@ -1,4 +1,5 @@
-"""The CoPer loss (Eqs. 3-4 of coper_contrastive_perceptual_metric) and its frozen loss network."""
+"""The CoPer loss (Eqs. 3-4 of coper_contrastive_perceptual_metric), its frozen loss network, and
+its slice-wise use on volumes (Eq. 1 of vit_ae_plus_plus)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import pytest
 
 from helpers import numpy_filled
 
-from jaxmed.losses import coper_loss, network_features
-from jaxmed.losses.perceptual import preprocess_image
+from jaxmed.losses import coper_loss, network_features, volume_perceptual_loss
+from jaxmed.losses.perceptual import preprocess_image, slice_indices
 from jaxmed.models import VGG16, resnet18
 
 RNG = np.random.default_rng(0)
@@ -151,3 +152,84 @@ def test_preprocess_and_errors():
     coper_loss(PRED, TARGET, None)
   with pytest.raises(ValueError, match="no default taps"):
     network_features(object(), {"params": {}})
+
+
+# Volumes (N, D, H, W, C) for the slice-wise loss of ViT-AE++.
+VOL_PRED = RNG.uniform(-1, 1, size=(2, 5, 8, 8, 2)).astype(np.float32)
+VOL_TARGET = RNG.uniform(-1, 1, size=(2, 5, 8, 8, 2)).astype(np.float32)
+
+
+def _slices(x, idx=None):
+  """(N, D, H, W, C) -> the (N d, H, W, C) batch of its first-axis slices, by hand."""
+  x = x if idx is None else x[:, np.asarray(idx)]
+  return np.concatenate([x[n] for n in range(x.shape[0])], axis=0)
+
+
+def test_volume_loss_is_coper_loss_on_the_first_axis_slices():
+  assert float(volume_perceptual_loss(VOL_PRED, VOL_PRED, tiny_features)) == 0.0
+  loss = volume_perceptual_loss(VOL_PRED, VOL_TARGET, tiny_features)
+  assert loss.shape == () and loss.dtype == jnp.float32 and float(loss) > 0
+  np.testing.assert_allclose(
+      loss, coper_loss(_slices(VOL_PRED), _slices(VOL_TARGET), tiny_features), rtol=1e-6)
+  # A subset of slices: those of the same draw, for pred, target and every example.
+  key = jax.random.PRNGKey(4)
+  idx = np.asarray(slice_indices(key, 5, 3))
+  assert idx.shape == (3,) and len(set(idx.tolist())) == 3 and set(idx.tolist()) <= set(range(5))
+  loss3 = volume_perceptual_loss(VOL_PRED, VOL_TARGET, tiny_features, num_slices=3, key=key)
+  np.testing.assert_allclose(
+      loss3, coper_loss(_slices(VOL_PRED, idx), _slices(VOL_TARGET, idx), tiny_features),
+      rtol=1e-6)
+  assert not np.isclose(loss3, loss)
+  # All D drawn: a permutation of the slices, the full loss; another key, another subset.
+  np.testing.assert_allclose(
+      volume_perceptual_loss(VOL_PRED, VOL_TARGET, tiny_features, num_slices=5, key=key), loss,
+      rtol=1e-6)
+  draws = {tuple(np.asarray(slice_indices(jax.random.PRNGKey(s), 5, 3)).tolist())
+           for s in range(6)}
+  assert len(draws) > 1
+
+
+def test_volume_loss_gradient_reaches_pred_not_the_vgg_unless_stopped(vgg):
+  module, variables = vgg
+  pred = jnp.asarray(RNG.uniform(-1, 1, size=(1, 3, 32, 32, 2)), jnp.float32)
+  target = jnp.asarray(RNG.uniform(-1, 1, size=(1, 3, 32, 32, 2)), jnp.float32)
+  key = jax.random.PRNGKey(0)
+
+  @jax.jit
+  def value_and_grads(pred, variables):
+    def loss(pred, variables, stop):
+      features_fn = network_features(module, variables,
+                                     taps=("relu1_2", "relu2_2", "relu3_3", "relu4_3"))
+      return volume_perceptual_loss(pred, target, features_fn, num_slices=2, key=key,
+                                    stop_gradient=stop)
+    return (jax.value_and_grad(loss, argnums=(0, 1))(pred, variables, False),
+            jax.value_and_grad(loss, argnums=(0, 1))(pred, variables, True))
+
+  (value, (g_pred, g_vars)), (value_stopped, (g_pred_stopped, g_vars_stopped)) = (
+      value_and_grads(pred, variables))
+  assert float(value) > 0
+  assert np.abs(np.asarray(g_pred)).sum() > 0 and np.all(np.isfinite(g_pred))
+  # The reference code's logged-only loss: the same value, no gradient to anything.
+  np.testing.assert_allclose(value_stopped, value, rtol=1e-6)
+  assert np.all(np.asarray(g_pred_stopped) == 0.0)
+  for leaf in jax.tree.leaves((g_vars, g_vars_stopped)):
+    assert np.all(np.asarray(leaf) == 0.0)
+
+
+def test_volume_loss_errors():
+  with pytest.raises(ValueError, match=r"volume_perceptual_loss: pred must be \(N, D, H, W, C\) "
+                                       r"\(ndim 5\); got shape \(5, 8, 8, 2\)"):
+    volume_perceptual_loss(VOL_PRED[0], VOL_TARGET[0], tiny_features)
+  with pytest.raises(ValueError, match=r"target shape \(2, 4, 8, 8, 2\) must equal pred shape"):
+    volume_perceptual_loss(VOL_PRED, VOL_TARGET[:, :4], tiny_features)
+  with pytest.raises(ValueError, match=r"num_slices must be an int in \[0, D=5\]; got 6"):
+    volume_perceptual_loss(VOL_PRED, VOL_TARGET, tiny_features, num_slices=6,
+                           key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"num_slices must be .*; got -1"):
+    volume_perceptual_loss(VOL_PRED, VOL_TARGET, tiny_features, num_slices=-1)
+  with pytest.raises(ValueError, match="key is required when num_slices > 0"):
+    volume_perceptual_loss(VOL_PRED, VOL_TARGET, tiny_features, num_slices=2)
+  with pytest.raises(ValueError, match="pred must be real; got complex"):
+    volume_perceptual_loss(VOL_PRED.astype(np.complex64), VOL_TARGET, tiny_features)
+  with pytest.raises(TypeError, match="features_fn must be callable"):
+    volume_perceptual_loss(VOL_PRED, VOL_TARGET, None)

@@ -16,7 +16,8 @@ from helpers import REPO, config_for
 from jaxmed.config import load_sweep
 from jaxmed.losses import l1_loss
 from jaxmed.methods import METHODS, CoPerSynthesisMethod, get_method
-from jaxmed.methods.coper_synthesis import PIX2PIX_LAMBDA2, network_variables
+from jaxmed.methods.loss_network import network_variables
+from jaxmed.methods.coper_synthesis import PIX2PIX_LAMBDA2
 from jaxmed.models import VGG16
 from jaxmed.runner import run_config
 from jaxmed.train import checkpoint, sharding, trainer

@@ -17,7 +17,7 @@ from jaxmed.methods import METHODS, get_method
 EXPECTED = {"context_prediction": "context_prediction", "coper_synthesis": "coper_synthesis",
             "finetune": "segmentation", "reconstruction": "reconstruction",
             "restoration": "restoration", "seg3d": "segmentation", "si": "si",
-            "simsiam": "simsiam", "swav": "swav"}
+            "simsiam": "simsiam", "swav": "swav", "vit_ae_pp": "vit_ae_pp"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
