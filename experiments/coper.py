@@ -447,10 +447,10 @@ def proxy_2afc(args, networks: dict, modality: str) -> tuple[str, dict]:
   def one_minus_ssim(x, y):
     return 1.0 - metrics.ssim(grey(x), grey(y), data_range=1.0)
 
+  coper = jax.jit(lambda x, y, v: metrics.coper_distance(x, y, params=v))  # one compile
   distances = {"L2": l2, "1 - SSIM": one_minus_ssim}
   for name, variables in networks.items():
-    distances[f"CoPer {name}"] = jax.jit(functools.partial(
-        lambda x, y, v: metrics.coper_distance(x, y, params=v), v=variables))
+    distances[f"CoPer {name}"] = functools.partial(coper, v=variables)
   scorer_name, scorer_vars = list(networks.items())[-1]
   diffs = functools.partial(metrics.squared_tap_differences, params=scorer_vars)
   weights = two_afc.learn_tap_weights(diffs, fit, steps=args.tap_steps, seed=0, dropout=0.0,

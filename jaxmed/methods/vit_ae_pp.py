@@ -88,7 +88,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxmed.data.transforms import gaussian_noise, random_affine, random_gamma
+from jaxmed.data.transforms import gaussian_noise, gaussian_smooth, random_affine, random_gamma
 from jaxmed.losses import l2_loss, simsiam_loss, volume_perceptual_loss
 from jaxmed.losses.edge import edge_loss
 from jaxmed.methods.base import Method
@@ -340,8 +340,10 @@ class ViTAEPlusPlusMethod(FrozenLossNetwork, Method):
       if grad:  # the reference's no-gradient term is only logged
         loss = loss + self.lambda1 * metrics["per"]
     if self.terms["edge"]:
-      metrics["edge"] = edge_loss(full, target,
-                                  blur_sigma=float(self.config.loss.edge_blur_sigma))
+      sigma = float(self.config.loss.edge_blur_sigma)
+      edge_target = (gaussian_smooth(target, sigma, axes=tuple(range(1, target.ndim - 1)))
+                     if sigma > 0 else target)
+      metrics["edge"] = edge_loss(full, edge_target)
       metrics["lambda2"] = self.lambda2_at(step)
       loss = loss + metrics["lambda2"] * metrics["edge"]
     return loss, metrics

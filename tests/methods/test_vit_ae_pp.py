@@ -14,10 +14,11 @@ import pytest
 from helpers import numpy_filled
 
 from jaxmed.config import load_config
-from jaxmed.losses import negative_cosine
+from jaxmed.data.transforms import gaussian_smooth
+from jaxmed.losses import edge_loss, negative_cosine
 from jaxmed.methods import METHODS, ViTAEPlusPlusMethod, get_method
 from jaxmed.methods.vit_ae_pp import reconstruction_loss, zscore
-from jaxmed.models.blocks import patchify
+from jaxmed.models.blocks import patchify, unpatchify
 from jaxmed.pretext.masking import random_masking
 from jaxmed.train import trainer
 from jaxmed.train.logging import read_metrics
@@ -366,3 +367,18 @@ def test_bad_config_args(arg, match):
 def test_bad_method_config(arg, overrides, match):
   with pytest.raises(ValueError, match=match):
     get_method(_config(arg, **overrides))
+
+
+def test_edge_term_blurs_its_target_when_asked():
+  """``loss.edge_blur_sigma`` (the reference code's form) compares the prediction's edges with
+  those of the Gaussian-blurred target; 0 (the paper's) with the target's own."""
+  target = zscore(IMAGE)
+  pred = jnp.asarray(RNG.normal(size=(2, 8, 8**3 * 4)), jnp.float32)
+  _, _, mask = random_masking(KEY, 2, 8, 0.75)
+  full = unpatchify(pred, 8, target.shape[1:-1])
+  for sigma in (0.0, 1.5):
+    method = get_method(_config("losses=edge", **{"loss.edge_blur_sigma": sigma}))
+    _, metrics = method.reconstruction_terms({}, pred, target, mask, step=0, key=KEY)
+    blurred = gaussian_smooth(target, sigma, axes=(1, 2, 3)) if sigma else target
+    np.testing.assert_allclose(float(metrics["edge"]), float(edge_loss(full, blurred)),
+                               rtol=1e-5)
