@@ -23,19 +23,20 @@ def test_tables_figures_and_results(coper, tmp_path):
   summary = coper["main"]([
       "--out", str(out), "--num-subjects", "4", "--num-test", "2", "--shape", "16", "64", "64",
       "--seeds", "0", "--steps", "2", "--ssl-steps", "2", "--seg-steps", "2",
-      "--lambda1", "0.0", "--proxy-subjects", "1", "--tap-steps", "2"])
+      "--lambda1", "--table4", "--proxy-subjects", "1", "--tap-steps", "2"])
   report = (out / "report.md").read_text()
   for heading in ("## Table III analogue", "## Fig. 8 analogue", "## Fig. 3b analogue",
                   "## 2AFC on the phantom PROXY set", "PROXY 2AFC"):
     assert heading in report
-  rows = ("L1", "L1 + rand. VGG", "L1 + SimSiam-VGG", "L1 + SwAV-VGG")
+  rows = ("L1", "L1 + rand. VGG", "L1 + SimSiam-VGG", "L1 + SwAV-VGG",
+          "L1 + SwAV-VGG (flair)")  # the last: Table IV, the loss network of the other modality
   for row in rows:
     assert f"| {row} |" in report
   assert "| real channel (upper bound) |" in report
   assert "| L1 + SwAV-VGG vs L1 + SimSiam-VGG |" in report
-  # The sweep: the flag's 0.0, the task's 0.7 (the SwAV row) and 1.0 (the L1 row).
-  for lam in ("0.00", "0.70", "1.00"):
-    assert f"| {lam} |" in report
+  assert "| L1 + SwAV-VGG vs L1 + SwAV-VGG (flair) |" in report
+  # The sweep without extra values: the task's 0.7 (the SwAV row) and 1.0 (the L1 row).
+  assert "| 0.70 |" in report and "| 1.00 |" in report
   for distance in ("L2", "1 - SSIM", "CoPer SwAV-VGG (scorer) + learned w"):
     assert f"| {distance} |" in report
   for png in ("fig6_ssl_loss.png", "fig8_lambda1.png", "fig3b_rating_agreement.png",
@@ -43,7 +44,7 @@ def test_tables_figures_and_results(coper, tmp_path):
     assert (out / png).stat().st_size > 1000
 
   saved = json.loads((out / "results.json").read_text())
-  assert set(saved["rows"]) == set(rows) | {"lambda1=0.0"}
+  assert set(saved["rows"]) == set(rows)
   for row, scores in saved["rows"].items():
     psnr, ssim, cop = (np.asarray(scores[k]) for k in ("psnr", "ssim", "coper"))
     assert psnr.shape == ssim.shape == cop.shape == (1, 2), row  # one seed x two subjects
@@ -54,7 +55,8 @@ def test_tables_figures_and_results(coper, tmp_path):
   assert np.asarray(saved["upper_dice"]).shape == (2, 3)
   assert saved["two_afc"]["L2"]["overall"] == summary["two_afc"]["L2"]["overall"]
   # The loss networks are real runs whose checkpoints the synthesis runs loaded.
-  for run in ("swav_vgg_t2_s0", "simsiam_vgg_t2_s0", "swav_vgg_t2_s1", "segmenter"):
+  for run in ("swav_vgg_t2_s0", "simsiam_vgg_t2_s0", "swav_vgg_t2_s1", "swav_vgg_flair_s0",
+              "segmenter"):
     assert (out / "runs" / run / "metrics.jsonl").exists()
 
 
