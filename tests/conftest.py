@@ -39,20 +39,3 @@ def tiny_arrays():
   image = rng.normal(size=(16, 16, 16, 4)).astype(np.float32)
   label = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(16, 16, 16), p=[0.7, 0.1, 0.1, 0.1])
   return {"image": image, "label": label}
-
-
-# The slowest test files first: under pytest-xdist (`--dist loadfile`, one file per worker) a
-# long file handed out last keeps one worker busy after the other has finished.
-SLOW_FILES_FIRST = ("experiments/test_coper_experiment.py", "experiments/test_experiments.py",
-                    "train/test_multiprocess.py", "train/test_trainer.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-
-  def rank(item):
-    path = item.nodeid.split("::")[0]
-    return next((i for i, f in enumerate(SLOW_FILES_FIRST) if path.endswith(f)),
-                len(SLOW_FILES_FIRST))
-
-  items.sort(key=rank)  # stable: every file keeps its own order
