@@ -29,7 +29,8 @@ axial slices):
    variant's slices are the images themselves), each modality repeated to 3 channels through a
    frozen VGG-16's relu1_2, relu2_2, relu3_3, relu4_3 (the reference's taps; the paper's
    "Johnson" layers), no ImageNet normalisation. The VGG is a frozen parameter group
-   ``loss_net`` as in `jaxmed.methods.coper_synthesis`: seeded random weights by default (no
+   ``loss_net`` (`jaxmed.methods.loss_network.FrozenLossNetwork`, shared with
+   coper_synthesis): seeded random weights by default (no
    weights download here; the paper's 2D natural-image runs also use a random VGG), or a
    VGG-16 weights file / jaxmed run read by the trainer (`frozen_networks`). The gradient flows
    to the autoencoder (the paper's Eq. 4); ``loss.per_gradient=False`` is the reference code's
@@ -37,7 +38,8 @@ axial slices):
 5. L_edge (Eq. 2): `jaxmed.losses.edge.edge_loss` between the same full prediction and view 1
    (3D Sobel magnitude per modality, MSE; the reference sums the modalities' magnitudes into
    one map first); the target blur (the reference code's, effective sigma ~1.67 voxels) is
-   ``loss.edge_blur_sigma``, 0 by default (the paper has none).
+   ``loss.edge_blur_sigma`` (`jaxmed.data.transforms.gaussian_smooth` on view 1 before the
+   loss), 0 by default (the paper has none).
    ``lambda2`` = 0.01 (Sec. 5 and the code; Sec. 3's "10" would swamp the other terms) decaying
    linearly to 0 at ``total_steps`` (the code: ``0.01 (1 - epoch / epochs)``, here per step),
    or constant (``loss.lambda2_schedule="constant"``, Fig. 2 right); logged as ``lambda2``.
@@ -75,7 +77,7 @@ warm-up then a cosine to 0, no clipping, float32.
 
 Config sections: ``model`` (the registry's ``mae``: `MaskedAutoencoderViT` fields, incl.
 ``mask_ratio`` and ``spatial_dims``), ``loss``, ``pretext``, ``predictor`` (``hidden_dim``, 0:
-the encoder width), ``features`` (``pool``), ``loss_net`` (as coper_synthesis: ``source``
+the encoder width), ``features`` (``pool``), ``loss_net`` (`jaxmed.methods.loss_network`: ``source``
 "random" | "pretrained" | "none", ``model``, ``taps``, ``preprocess``, ``seed``, and the
 loading fields ``path``, ``step``, ``prefix``, ``converter``, ``converter_kwargs``, ``key``,
 ``strip``), ``param_groups.loss_net`` (frozen, exactly when there is a loss network).
