@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.metrics import _checks
 from jaxmed.metrics._count import count_true
 
 
@@ -29,9 +30,12 @@ def dice(pred, target, *, num_classes=None, include_background=True, empty=float
     ``(N, C)`` float32 (``C - 1`` columns without background).
 
   Raises:
-    ValueError: shape mismatch, rank below 2, or label values given without ``num_classes``
-      of the right form.
+    ValueError: (before tracing) shape mismatch, rank below 2, label values given without
+      ``num_classes`` of the right form; for concrete input also binary masks with values other
+      than 0 and 1 (e.g. probabilities: threshold them first) and labels outside
+      ``[0, num_classes)``. Inside a user's ``jit`` the value checks are skipped.
   """
+  pred, target = _checks.as_array("dice", "pred", pred), _checks.as_array("dice", "target", target)
   pred_shape, target_shape = np.shape(pred), np.shape(target)
   if pred_shape != target_shape:
     raise ValueError(f"dice: pred shape {pred_shape} != target shape {target_shape}")
@@ -39,15 +43,22 @@ def dice(pred, target, *, num_classes=None, include_background=True, empty=float
     if len(pred_shape) < 3:
       raise ValueError("dice: binary input must be (N, *spatial, C); got shape "
                        f"{pred_shape} (pass num_classes for label maps)")
+    for name, x in (("pred", pred), ("target", target)):
+      _checks.binary("dice", name, x)  # e.g. probabilities: threshold them first
   else:
     if int(num_classes) < 1:
       raise ValueError(f"dice: num_classes must be >= 1; got {num_classes}")
     if len(pred_shape) < 2:
       raise ValueError(f"dice: label maps must be (N, *spatial); got shape {pred_shape}")
     for name, x in (("pred", pred), ("target", target)):
-      if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+      if not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"dice: {name} must be an integer label map when num_classes is given; "
-                         f"got dtype {jnp.asarray(x).dtype}")
+                         f"got dtype {x.dtype}")
+      if not _checks.is_traced(x) and x.size:
+        lo, hi = int(np.min(np.asarray(x))), int(np.max(np.asarray(x)))
+        if lo < 0 or hi >= int(num_classes):
+          raise ValueError(f"dice: {name} labels must be in [0, num_classes={num_classes}); "
+                           f"found values in [{lo}, {hi}]")
   return _dice(jnp.asarray(pred), jnp.asarray(target), num_classes=num_classes,
                include_background=include_background, empty=float(empty))
 

@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 import torch
@@ -53,3 +54,26 @@ def test_bad_input():
     dice(np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), num_classes=2)
   with pytest.raises(ValueError, match="binary input"):
     dice(np.zeros((4, 4)), np.zeros((4, 4)))
+
+
+def test_values_outside_the_documented_domain_are_errors():
+  """Probabilities are not masks and labels must be below num_classes: both raise before
+  tracing (they used to count every nonzero value as foreground / return numbers)."""
+  rng = np.random.default_rng(0)
+  probs = rng.uniform(size=(2, 5, 6, 3)).astype(np.float32)
+  mask = probs > 0.5
+  with pytest.raises(ValueError, match=r"dice: pred must be a binary mask \(bool or 0/1\)"):
+    dice(probs, mask)
+  with pytest.raises(ValueError, match="dice: target must be a binary mask"):
+    dice(mask, probs)
+  np.testing.assert_array_equal(dice(mask.astype(np.float32), mask.astype(np.uint8)),
+                                dice(mask, mask))  # 0/1 of any dtype is a mask
+  labels = rng.integers(0, 3, size=(2, 5, 6))
+  with pytest.raises(ValueError, match=r"dice: pred labels must be in \[0, num_classes=3\); "
+                                       r"found values in \[0, 3\]"):
+    dice(np.where(labels == 2, 3, labels), labels, num_classes=3)
+  with pytest.raises(ValueError, match=r"dice: target labels .* found values in \[-1, 2\]"):
+    dice(labels, np.where(labels == 0, -1, labels), num_classes=3)
+  # Inside a user's jit the value checks are skipped (the function still traces).
+  traced = jax.jit(lambda p, t: dice(p, t))(probs, mask)
+  assert traced.shape == (2, 3)
