@@ -22,7 +22,7 @@ to about -0.7).
 """
 
 from jaxmed.config import method_config
-from jaxmed.configs.swav import parse_backbone_args, set_backbone
+from jaxmed.configs.swav import parse_backbone_args, set_backbone, small_run
 
 
 def get_config(arg: str = ""):
@@ -34,13 +34,7 @@ def get_config(arg: str = ""):
   c.batch_size = 96
   c.log_every = 50
   if args["size"] == "small":
-    c.total_steps = 300
-    c.batch_size = 16
-    c.log_every = 20
-    c.checkpoint.every = 100
-    c.data.num_subjects = 12
-    c.data.num_test = 2
-    c.data.min_foreground = 0.1
+    small_run(c)
     c.pretext.update(size=64, blur_sigma=(0.1, 0.6))
     c.head.update(proj_hidden_dim=256, proj_dim=256, pred_hidden_dim=64)
     c.optim.lr = 0.05  # the batch-256 lr: 0.05 x 16 / 256 barely moves in 300 steps

@@ -111,10 +111,7 @@ class SimSiamMethod(GreySliceBackbone, Method):
 
   def __init__(self, config):
     self.config = config
-    for field in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
-      minimum = 0 if field == "proj_hidden_dim" else 1
-      if int(config.head[field]) < minimum:
-        raise ValueError(f"head.{field} must be >= {minimum}; got {config.head[field]}")
+    self.check_head({"proj_hidden_dim": 0, "proj_dim": 1, "pred_hidden_dim": 1})
     self.check_grey_slices(np.atleast_1d(config.pretext.size).tolist())
     super().__init__(config)
     jax.eval_shape(self.views, jax.random.PRNGKey(0),

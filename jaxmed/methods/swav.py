@@ -173,6 +173,13 @@ class GreySliceBackbone:
     return ({"num_classes": None, "spatial_dims": 2} if name == "resnet"
             else {"include_top": False})
 
+  def check_head(self, minimums: dict[str, int]) -> None:
+    """Raises unless every ``config.head[field]`` is at least ``minimums[field]``."""
+    for field, minimum in minimums.items():
+      if int(self.config.head[field]) < minimum:
+        raise ValueError(f"{self.name}: head.{field} must be >= {minimum}; got "
+                         f"{self.config.head[field]}")
+
   def check_grey_slices(self, sizes: Sequence[int]) -> None:
     """Checks the data (slices of one modality) and, for VGG, the crop ``sizes``."""
     data = self.config.data
@@ -259,10 +266,7 @@ class SwAVMethod(GreySliceBackbone, Method):
     if self.queue_length < 0 or int(config.swav.queue_start_step) < 0:
       raise ValueError(f"swav.queue_length and swav.queue_start_step must be >= 0; got "
                        f"{self.queue_length} and {config.swav.queue_start_step}")
-    for field in ("hidden_dim", "out_dim", "num_prototypes"):
-      if int(config.head[field]) < (0 if field == "hidden_dim" else 1):
-        raise ValueError(f"head.{field} must be >= {0 if field == 'hidden_dim' else 1}; got "
-                         f"{config.head[field]}")
+    self.check_head({"hidden_dim": 0, "out_dim": 1, "num_prototypes": 1})
     if "prototypes" not in config.param_groups:
       raise ValueError("swav: param_groups.prototypes (pattern 'prototypes/.*', freeze_steps) "
                        "is required")
