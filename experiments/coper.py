@@ -276,23 +276,21 @@ def evaluate_run(method, variables, test, segmenter, scorer, min_foreground):
   slices = {k: [] for k in ("l2", "1-ssim", "coper", "dice_real", "dice_fake")}
   for subject, real, fake in zip(test, reals, fakes):
     picked = scored_slices(subject, min_foreground)
-    scores = {k: [] for k in ("psnr", "ssim", "coper", "l2")}
-    for t in range(real.shape[-1]):
-      s = scorer(real[picked][..., t:t + 1], fake[picked][..., t:t + 1])
-      for k in scores:
-        scores[k].append(s[k])
-    for k, v in scores.items():
-      per_subject[k].append(float(np.mean(v)))
+    per_target = [scorer(real[picked][..., t:t + 1], fake[picked][..., t:t + 1])
+                  for t in range(real.shape[-1])]
+    for k in ("psnr", "ssim", "coper", "l2"):
+      per_subject[k].append(float(np.mean([s[k] for s in per_target])))
+    first = per_target[0]  # per-slice scores of the first target (Fig. 3b)
     image = replaced_target(method, subject, fake)
     per_subject["dice"].append(segmenter.volume_dice(image, subject.label))
     lesion = np.flatnonzero(label_regions(subject.label, method.config.data.pathology)[..., 0]
                             .sum(axis=(1, 2)) > 0)
     lesion = np.intersect1d(lesion, picked)
     if lesion.size:
-      s = scorer(real[lesion][..., :1], fake[lesion][..., :1])
-      slices["l2"].append(s["l2"])
-      slices["1-ssim"].append(1.0 - s["ssim"])
-      slices["coper"].append(s["coper"])
+      at = np.searchsorted(picked, lesion)  # lesion slices are scored slices: reuse their scores
+      slices["l2"].append(first["l2"][at])
+      slices["1-ssim"].append(1.0 - first["ssim"][at])
+      slices["coper"].append(first["coper"][at])
       slices["dice_real"].append(segmenter.slice_dice(subject.image, subject.label, lesion))
       slices["dice_fake"].append(segmenter.slice_dice(image, subject.label, lesion))
   out = {k: np.asarray(v, np.float64) for k, v in per_subject.items()}

@@ -97,3 +97,13 @@ def run_steps(workdir):
   """The checkpointed steps of a run's workdir."""
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if os.path.isdir(d) else []
+
+
+def eval_mode_variables(method, image, seed: int = 1, scale: float = 0.3):
+  """``numpy_filled`` variables of ``method.init`` for ``{"image": image}`` with positive
+  batch-norm running variances, so that eval-mode batch norm is well defined."""
+  shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0), {"image": image})
+  variables = numpy_filled(shapes, seed=seed, scale=scale)
+  return {**variables, "batch_stats": jax.tree_util.tree_map_with_path(
+      lambda path, x: np.abs(x) + 1.0 if path[-1].key == "var" else x,
+      variables["batch_stats"])}

@@ -109,13 +109,10 @@ class SimSiamMethod(GreySliceBackbone, Method):
 
   name = "simsiam"
 
-  def __init__(self, config):
-    self.config = config
-    self.check_head({"proj_hidden_dim": 0, "proj_dim": 1, "pred_hidden_dim": 1})
-    self.check_grey_slices(np.atleast_1d(config.pretext.size).tolist())
-    super().__init__(config)
-    jax.eval_shape(self.views, jax.random.PRNGKey(0),
-                   jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32))
+  head_minimums = {"proj_hidden_dim": 0, "proj_dim": 1, "pred_hidden_dim": 1}
+
+  def crop_sizes(self) -> list[int]:
+    return np.atleast_1d(self.config.pretext.size).tolist()
 
   @classmethod
   def default_config(cls):

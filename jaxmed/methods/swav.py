@@ -164,6 +164,18 @@ class GreySliceBackbone:
   """
 
   derived_model_fields = ("num_classes", "include_top", "spatial_dims")
+  # A subclass sets head_minimums (config.head field -> smallest allowed value) and defines
+  # crop_sizes() -> the sizes of the views the backbone sees (checked against VGG's minimum).
+  head_minimums: dict[str, int] = {}
+
+  def __init__(self, config):
+    self.config = config
+    self.check_head(self.head_minimums)
+    self.check_grey_slices(self.crop_sizes())
+    super().__init__(config)
+    # Checks the view fields now rather than at the first step.
+    jax.eval_shape(self.views, jax.random.PRNGKey(0),
+                   jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32))
 
   def model_arguments(self):
     name = self.config.model.name
@@ -248,6 +260,7 @@ class SwAVMethod(GreySliceBackbone, Method):
   ``param_groups.prototypes.freeze_steps``."""
 
   name = "swav"
+  head_minimums = {"hidden_dim": 0, "out_dim": 1, "num_prototypes": 1}
 
   def __init__(self, config):
     self.config = config
@@ -266,16 +279,15 @@ class SwAVMethod(GreySliceBackbone, Method):
     if self.queue_length < 0 or int(config.swav.queue_start_step) < 0:
       raise ValueError(f"swav.queue_length and swav.queue_start_step must be >= 0; got "
                        f"{self.queue_length} and {config.swav.queue_start_step}")
-    self.check_head({"hidden_dim": 0, "out_dim": 1, "num_prototypes": 1})
     if "prototypes" not in config.param_groups:
       raise ValueError("swav: param_groups.prototypes (pattern 'prototypes/.*', freeze_steps) "
                        "is required")
-    sizes = [cfg.global_size] + ([cfg.local_size] if int(cfg.num_local) else [])
-    self.check_grey_slices([s for size in sizes for s in np.atleast_1d(size)])
     super().__init__(config)
-    # Checks the multi-crop fields now rather than at the first step.
-    jax.eval_shape(self.views, jax.random.PRNGKey(0),
-                   jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32))
+
+  def crop_sizes(self) -> list[int]:
+    cfg = self.config.pretext
+    sizes = [cfg.global_size] + ([cfg.local_size] if int(cfg.num_local) else [])
+    return [s for size in sizes for s in np.atleast_1d(size)]
 
   @classmethod
   def default_config(cls):

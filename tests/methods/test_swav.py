@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from helpers import config_for, numpy_filled
+from helpers import config_for, eval_mode_variables
 
 from jaxmed.config import load_config, set_model
 from jaxmed.losses import sinkhorn_knopp, swav_loss
@@ -44,12 +44,7 @@ def method():
 
 @pytest.fixture(scope="module")
 def variables(method):
-  shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0), {"image": IMAGE})
-  variables = numpy_filled(shapes, seed=1, scale=0.3)
-  # Positive running variances (eval-mode batch norm).
-  return {**variables, "batch_stats": jax.tree_util.tree_map_with_path(
-      lambda path, x: np.abs(x) + 1.0 if path[-1].key == "var" else x,
-      variables["batch_stats"])}
+  return eval_mode_variables(method, IMAGE)
 
 
 @pytest.fixture(scope="module")
