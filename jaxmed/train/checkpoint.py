@@ -66,6 +66,10 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.skipped: list[SkippedCheckpoint] = []  # filled by `restore`
+    # Processes reach this point up to minutes apart (one builds a shared data cache, another
+    # compiles under load), but the first collective (orbax's directory sync) opens the gloo
+    # context, which XLA gives a fixed 30 s: line them up at a coordination-service barrier first.
+    _sync("jaxmed_checkpointer_start")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -385,10 +389,12 @@ def _all_processes_ok(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _sync(name: str) -> None:
+def _sync(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process reaches ``name``: a barrier of the coordination service
+  (``jax.distributed``), whose timeout we choose, not a gloo collective (fixed 30 s on CPU)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s,
+                                        processes=set(range(jax.process_count())))
 
 
 def _restore_exact(attempt: Callable[[int], object], step: int, path: str):
