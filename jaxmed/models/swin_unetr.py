@@ -10,6 +10,8 @@ Module names mirror MONAI's attribute names, so a converted checkpoint maps one 
   swinViT                    SwinTransformer (the encoder; usable on its own)
     patch_embed/proj         patch embedding, conv with kernel = stride = patch_size
     patch_embed/norm         LayerNorm, only with ``patch_norm``
+    patch_embed/proj/conv1.. (``patch_embedding="conv"``) the DAE conv block, see below
+    mask_token               (``use_mask_token``) the learnable token of ``token_mask``
     layers{i}c, i=1..4       (``use_v2``) UnetrBasicBlock before stage i
     layers{i}                BasicLayer: blocks_{j} (SwinTransformerBlock) + downsample
   encoder1..4, encoder10     UnetrBasicBlock (residual conv block ``layer``)
@@ -30,6 +32,21 @@ Behaviour kept from MONAI (and its Swin ancestors), all reproduced exactly:
   octant order repeats the octants (0, 1, 0) and (0, 0, 1) and never sees (1, 1, 0) and
   (0, 1, 1); the published self-supervised Swin UNETR and DAE checkpoints were trained with
   it). In 2D the three are the same.
+
+Pre-training hooks (Disruptive Autoencoders, SimMIM), inert unless used: with the default
+attributes and no masks the variables (MONAI's tree) and the computation are unchanged.
+
+* ``patch_embedding="conv"``: the patch embedding of the DAE checkpoints (research-contributions
+  ``DAE/``, ``PatchEmbed3D``): MONAI ``UnetBasicBlock`` with kernel 3, ``conv1`` stride 2
+  (padding 1), ``norm1``, LeakyReLU 0.01, ``conv2`` stride 1, ``norm2``, LeakyReLU 0.01; convs
+  without bias, instance norms with affine parameters (eps 1e-5). ``patch_size`` must be 2.
+* ``channel_mask`` ``(B, E)`` (nonzero = zero that embedding channel in every token, DAE's
+  local masking, as :func:`jaxmed.pretext.disruptions.local_channel_mask` returns) and
+  ``token_mask`` ``(B, *grid)`` bool (True = replace the token by ``mask_token``, SimMIM), both
+  applied right after the patch embedding in the reference's order: token mask, dropout,
+  channel mask. The masked embedding is ``hidden_states_0`` and feeds ``encoder2``;
+  ``encoder1`` sees the input as given. ``mask_token`` ``(E,)`` exists only with
+  ``use_mask_token=True`` (truncated normal, std 0.02, as SimMIM / DAE initialise it).
 
 Windows, region masks and relative indices are built in NumPy at trace time (shapes are static):
 a jitted forward holds them as small constants. The patch embedding, the UNETR blocks, the MLP
@@ -52,11 +69,12 @@ import numpy as np
 
 from jaxmed.models._utils import (check_choice, check_input, check_rate, check_spatial_dims,
                                   spatial_tuple)
-from jaxmed.models.blocks import (MLP, DropPath, PatchEmbed, UnetrBasicBlock, UnetrUpBlock,
-                                  check_norm_channels, conv_init, make_norm, parse_norm,
-                                  trunc_normal_init)
+from jaxmed.models.blocks import (MLP, DropPath, PatchEmbed, SameConv, UnetrBasicBlock,
+                                  UnetrUpBlock, check_norm_channels, conv_init, make_norm,
+                                  parse_norm, trunc_normal_init)
 
 DOWNSAMPLES = ("merging", "mergingv2", "merging_legacy")
+PATCH_EMBEDDINGS = ("linear", "conv")
 _LN_EPS = 1e-5
 _MASK_FILL = -100.0
 
@@ -349,6 +367,130 @@ class BasicLayer(nn.Module):
     return x
 
 
+def conv3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Convolution with kernel 3, stride 2, padding 1 (PyTorch's), channels-last, no bias.
+
+  ``(N, *S, Cin)`` -> ``(N, *ceil(S / 2), Cout)``; ``kernel`` ``(3, 3[, 3], Cin, Cout)``. 3D runs
+  as three stride-2 2D convolutions batched over the output depth (one per depth tap), which
+  XLA:CPU runs faster than its 3D convolution.
+  """
+  d = x.ndim - 2
+  dn = ("NHWC", "HWIO", "NHWC")
+  conv2d = lambda v, k: jax.lax.conv_general_dilated(v, k, (2, 2), [(1, 1), (1, 1)],
+                                                     dimension_numbers=dn)
+  if d == 2:
+    return conv2d(x, kernel)
+  n, depth, h, w, cin = x.shape
+  out_depth = -(-depth // 2)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+  y = 0
+  for a in range(3):  # output depth i reads input depths 2i - 1, 2i, 2i + 1
+    taps = xp[:, a:a + 2 * out_depth - 1:2].reshape(n * out_depth, h, w, cin)
+    y = y + conv2d(taps, kernel[a])
+  return y.reshape((n, out_depth) + y.shape[1:])
+
+
+class Conv3Stride2(nn.Module):
+  """:func:`conv3_stride2` as a layer: param ``kernel`` ``(3, 3[, 3], Cin, features)`` (nn.Conv's
+  layout), no bias. Input ``(B, *S, Cin)`` -> ``(B, *ceil(S / 2), features)`` in ``dtype``."""
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", conv_init, (3,) * (x.ndim - 2) + (x.shape[-1], self.features),
+                        self.param_dtype)
+    return conv3_stride2(*nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype))
+
+
+class ConvPatchEmbedBlock(nn.Module):
+  """MONAI ``UnetBasicBlock`` (kernel 3, stride 2) with affine instance norms: the DAE ``proj``.
+
+  ``conv1`` (stride 2, padding 1) -> ``norm1`` -> LeakyReLU 0.01 -> ``conv2`` (stride 1) ->
+  ``norm2`` -> LeakyReLU 0.01; no conv biases; norms and activations in float32.
+  Input ``(B, *S, Cin)`` -> ``(B, *ceil(S / 2), features)`` in ``dtype``.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    norm = functools.partial(make_norm, "instance", epsilon=_LN_EPS, affine=True,
+                             param_dtype=self.param_dtype)
+    y = Conv3Stride2(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="conv1")(x)
+    y = nn.leaky_relu(norm(name="norm1")(y.astype(jnp.float32)), 0.01).astype(self.dtype)
+    y = SameConv(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv2")(y)
+    return nn.leaky_relu(norm(name="norm2")(y.astype(jnp.float32)), 0.01).astype(self.dtype)
+
+
+class ConvPatchEmbed(nn.Module):
+  """The DAE checkpoints' patch embedding, holding its block as ``proj`` (the reference's
+  names): ``ConvPatchEmbed(ConvPatchEmbedBlock(E, parent=None))``."""
+
+  proj: nn.Module
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(x)
+
+
+def _mask_array(mask: Any, name: str) -> Any:
+  if mask is not None and not hasattr(mask, "shape"):
+    mask = np.asarray(mask)
+  if mask is not None and not hasattr(mask, "dtype"):
+    raise ValueError(f"{name} must be an array; got {type(mask).__name__}")
+  return mask
+
+
+def check_masks(x_shape: tuple[int, ...], grid: tuple[int, ...], embed_dim: int,
+                channel_mask: Any, token_mask: Any, use_mask_token: bool) -> tuple[Any, Any]:
+  """Checks the masks of :class:`SwinTransformer` / :class:`SwinUNETR` (shapes and dtypes).
+
+  Args:
+    x_shape: the input's shape ``(B, *S, Cin)``.
+    grid: the patch grid of the embedding (``ceil(S / patch_size)``).
+    embed_dim: embedding channels.
+    channel_mask: None or ``(B, embed_dim)`` bool / integer / float, nonzero = zeroed channel.
+    token_mask: None or ``(B, *grid)`` bool, True = token replaced by ``mask_token``.
+    use_mask_token: whether the module has a ``mask_token`` (``token_mask`` needs one).
+
+  Returns:
+    The masks as arrays (NumPy for Python sequences), None where not given.
+
+  Raises:
+    ValueError: naming the argument, the expected and the received shape or dtype.
+  """
+  channel_mask = _mask_array(channel_mask, "channel_mask")
+  token_mask = _mask_array(token_mask, "token_mask")
+  b = x_shape[0]
+  if channel_mask is not None:
+    expected = (b, embed_dim)
+    if tuple(channel_mask.shape) != expected:
+      raise ValueError(f"channel_mask must have shape (B, embedding channels) = {expected} for x "
+                       f"of shape {tuple(x_shape)}; got shape {tuple(channel_mask.shape)}")
+    dtype = np.dtype(channel_mask.dtype)
+    if not (dtype == np.bool_ or np.issubdtype(dtype, np.integer)
+            or np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16):
+      raise ValueError(f"channel_mask must be bool, integer or float (nonzero = zero that "
+                       f"channel); got dtype {dtype}")
+  if token_mask is not None:
+    if not use_mask_token:
+      raise ValueError("token_mask needs use_mask_token=True (the learnable mask_token that "
+                       "replaces the masked tokens); got use_mask_token=False")
+    expected = (b,) + tuple(grid)
+    if tuple(token_mask.shape) != expected:
+      raise ValueError(f"token_mask must have shape (B, *patch grid) = {expected} for x of shape "
+                       f"{tuple(x_shape)}; got shape {tuple(token_mask.shape)}")
+    if np.dtype(token_mask.dtype) != np.bool_:
+      raise ValueError(f"token_mask must be bool (True = replace the token by mask_token); got "
+                       f"dtype {np.dtype(token_mask.dtype)}")
+  return channel_mask, token_mask
+
+
 def _layer_norm_channels(x: jax.Array) -> jax.Array:
   """Non-affine LayerNorm over channels in float32 (MONAI ``proj_out(..., normalize=True)``)."""
   x = x.astype(jnp.float32)
@@ -392,16 +534,23 @@ class SwinTransformer(nn.Module):
     drop_rate: dropout after the patch embedding, in the MLP and after the attention projection.
     attn_drop_rate: dropout on the attention probabilities.
     drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
-    patch_norm: LayerNorm after the patch embedding.
+    patch_norm: LayerNorm after the patch embedding (``patch_embedding="linear"`` only).
     downsample: "merging" | "mergingv2" | "merging_legacy".
     use_v2: a residual conv block (``layers{i}c``, instance norm) before every stage.
+    patch_embedding: "linear" (MONAI: conv with kernel = stride = ``patch_size``) or "conv"
+      (the DAE checkpoints' conv block, ``patch_size`` 2; see the module docstring).
+    use_mask_token: add the learnable ``mask_token`` ``(embed_dim,)`` that ``token_mask``
+      needs (absent otherwise, so default variables keep MONAI's tree).
     remat: rematerialise every stage (``nn.remat``) to save activation memory in training.
     dtype: compute dtype (norms and softmax in float32).
 
-  ``__call__(x (B, *S, Cin), *, train=False, normalize=True)`` -> tuple of ``len(depths) + 1``
-  hidden states, float32: the patch embedding ``(B, *S/p, E)`` and each stage's output
+  ``__call__(x (B, *S, Cin), *, train=False, normalize=True, channel_mask=None,
+  token_mask=None)`` -> tuple of ``len(depths) + 1`` hidden states, float32: the patch
+  embedding ``(B, *S/p, E)`` (after the masks) and each stage's output
   ``(B, *S/(p 2^(i+1)), E 2^(i+1))``, each through a non-affine LayerNorm over channels when
-  ``normalize``. Any spatial size works (odd sizes are padded as in MONAI).
+  ``normalize``. ``channel_mask`` ``(B, E)``: nonzero zeroes that channel of every token;
+  ``token_mask`` ``(B, *ceil(S/p))`` bool: True replaces the token by ``mask_token`` (see the
+  module docstring). Any spatial size works (odd sizes are padded as in MONAI).
   """
 
   embed_dim: int = 24
@@ -418,6 +567,8 @@ class SwinTransformer(nn.Module):
   patch_norm: bool = False
   downsample: str = "merging"
   use_v2: bool = False
+  patch_embedding: str = "linear"
+  use_mask_token: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -428,25 +579,47 @@ class SwinTransformer(nn.Module):
     if self.embed_dim < 1:
       raise ValueError(f"embed_dim must be >= 1; got embed_dim={self.embed_dim}")
     spatial_tuple(self.window_size, self.spatial_dims, "window_size")
-    spatial_tuple(self.patch_size, self.spatial_dims, "patch_size")
+    patch = spatial_tuple(self.patch_size, self.spatial_dims, "patch_size")
+    check_choice(self.patch_embedding, PATCH_EMBEDDINGS, "patch_embedding")
+    if self.patch_embedding == "conv" and set(patch) != {2}:
+      raise ValueError(f"patch_embedding='conv' (kernel 3, stride 2) needs patch_size=2; got "
+                       f"patch_size={self.patch_size}")
+    if self.patch_embedding == "conv" and self.patch_norm:
+      raise ValueError("patch_norm=True applies to patch_embedding='linear' only (the DAE conv "
+                       "embedding normalises inside its block)")
     check_input(x, self.spatial_dims, "SwinTransformer")
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False,
-               normalize: bool = True) -> tuple[jax.Array, ...]:
+  def __call__(self, x: jax.Array, *, train: bool = False, normalize: bool = True,
+               channel_mask: Any = None, token_mask: Any = None) -> tuple[jax.Array, ...]:
     self._validate(x)
     d = self.spatial_dims
     window = spatial_tuple(self.window_size, d, "window_size")
     patch = spatial_tuple(self.patch_size, d, "patch_size")
+    grid = tuple(-(-s // p) for s, p in zip(x.shape[1:-1], patch))
+    channel_mask, token_mask = check_masks(x.shape, grid, self.embed_dim, channel_mask,
+                                           token_mask, self.use_mask_token)
     depths = tuple(int(v) for v in self.depths)
     rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
     instance = parse_norm("instance")
     layer_cls = nn.remat(BasicLayer, static_argnums=(2,)) if self.remat else BasicLayer
     conv_cls = nn.remat(UnetrBasicBlock, static_argnums=(2,)) if self.remat else UnetrBasicBlock
 
-    x = PatchEmbed(self.embed_dim, patch, self.patch_norm, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="patch_embed")(x)
+    if self.patch_embedding == "conv":
+      block = ConvPatchEmbedBlock(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  parent=None)
+      x = ConvPatchEmbed(block, name="patch_embed")(x)
+    else:
+      x = PatchEmbed(self.embed_dim, patch, self.patch_norm, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="patch_embed")(x)
+    if self.use_mask_token:
+      mask_token = self.param("mask_token", dense_init, (self.embed_dim,), self.param_dtype)
+      if token_mask is not None:  # SimMIM: masked tokens become the learnable token
+        x = jnp.where(jnp.asarray(token_mask)[..., None], mask_token.astype(x.dtype), x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    if channel_mask is not None:  # DAE local masking: zero channels in every token
+      zeroed = (jnp.asarray(channel_mask) != 0).reshape((x.shape[0],) + (1,) * d + (-1,))
+      x = jnp.where(zeroed, jnp.zeros((), x.dtype), x)
     out = lambda h: _layer_norm_channels(h) if normalize else h.astype(jnp.float32)
     hidden = [out(x)]
     for i, depth in enumerate(depths):
@@ -479,7 +652,9 @@ class SwinUNETR(nn.Module):
     normalize: non-affine LayerNorm on the 5 hidden states of the encoder.
     use_v2: Swin UNETR v2 (a residual conv block before every stage).
     downsample: "merging" | "mergingv2" | "merging_legacy" (see the module docstring).
-    patch_norm: LayerNorm after the patch embedding.
+    patch_norm: LayerNorm after the patch embedding (``patch_embedding="linear"`` only).
+    patch_embedding: "linear" (MONAI) or "conv" (the DAE checkpoints' conv block).
+    use_mask_token: add the learnable ``swinViT/mask_token`` that ``token_mask`` needs.
     drop_rate, attn_drop_rate, dropout_path_rate: dropout, attention dropout, stochastic depth
       (all active only with ``train=True`` and a 'dropout' rng).
     qkv_bias, mlp_ratio: bias in qkv; MLP width ratio.
@@ -487,8 +662,11 @@ class SwinUNETR(nn.Module):
     dtype: compute dtype; norms, softmax and the outputs are float32.
     param_dtype: parameter dtype.
 
-  ``__call__(x (B, *S, Cin), *, train=False, return_features=False)`` -> logits
-  ``(B, *S, out_channels)`` float32, or ``(logits, features)`` with (F = feature_size)
+  ``__call__(x (B, *S, Cin), *, train=False, return_features=False, channel_mask=None,
+  token_mask=None)`` -> logits ``(B, *S, out_channels)`` float32, or ``(logits, features)``;
+  ``channel_mask`` ``(B, F)`` (nonzero = zero that embedding channel) and ``token_mask``
+  ``(B, *S/2)`` bool (True = ``mask_token``) act right after the patch embedding, as in
+  :class:`SwinTransformer`; ``encoder1`` sees ``x`` as given. Features (F = feature_size):
   ``hidden_states_{i}`` ``(B, *S/2^(i+1), F 2^i)``, i = 0..4 (after ``normalize``);
   ``encoder1`` ``(B, *S, F)``, ``encoder2`` ``(B, *S/2, F)``, ``encoder3`` ``(B, *S/4, 2F)``,
   ``encoder4`` ``(B, *S/8, 4F)``, ``encoder10`` ``(B, *S/32, 16F)``; ``decoder5``
@@ -510,6 +688,8 @@ class SwinUNETR(nn.Module):
   use_v2: bool = False
   downsample: str = "merging"
   patch_norm: bool = False
+  patch_embedding: str = "linear"
+  use_mask_token: bool = False
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   dropout_path_rate: float = 0.0
@@ -547,7 +727,8 @@ class SwinUNETR(nn.Module):
     return norm
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
+               channel_mask: Any = None, token_mask: Any = None):
     norm = self._validate(x)
     f = self.feature_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -560,8 +741,10 @@ class SwinUNETR(nn.Module):
         spatial_dims=self.spatial_dims, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
         drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
         drop_path_rate=self.dropout_path_rate, patch_norm=self.patch_norm,
-        downsample=self.downsample, use_v2=self.use_v2, remat=self.remat, name="swinViT",
-        **kw)(x, train=train, normalize=self.normalize)
+        downsample=self.downsample, use_v2=self.use_v2, patch_embedding=self.patch_embedding,
+        use_mask_token=self.use_mask_token, remat=self.remat, name="swinViT",
+        **kw)(x, train=train, normalize=self.normalize, channel_mask=channel_mask,
+              token_mask=token_mask)
     feats = {f"hidden_states_{i}": h for i, h in enumerate(hidden)}
     hidden = [h.astype(self.dtype) for h in hidden]
     enc0 = basic(f, norm, name="encoder1", **kw)(x, train)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import numpy_filled
+from monai.networks.blocks import UnetBasicBlock
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 from safetensors.torch import save_file
 
@@ -18,6 +19,9 @@ from jaxmed.models.swin_unetr import SwinTransformer, SwinUNETR
 
 _CONFIG = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), spatial_dims=2)
 _SHAPE = (1, 64, 64, 2)  # channels-last input of the tiny 2D model
+_DAE = dict(patch_embedding="conv", use_mask_token=True, **_CONFIG)  # 1 channel in, 1 out
+_DAE_SHAPE = (1, 64, 64, 1)
+_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _randomize(net, seed=0):
@@ -64,21 +68,56 @@ def _assert_same(a, b):
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
-def _dae_layout(state):
-  """The DAE pre-training layout: ``encoder.layers1.0.0...``, MLP ``fc1``/``fc2``, extras."""
+def _dae_layout(state, mask_token=None):
+  """A DAE pre-training checkpoint (research-contributions DAE/, ``SimMIMSkip``) of a MONAI
+  state dict: the encoder as ``encoder.*`` (``layers{i}.0.0.``, MLP ``fc1``/``fc2``) with
+  ``mask_token`` and the final ``norm``; the UNETR decoder under MONAI's names."""
   out = {}
   for k, v in state.items():
-    if not k.startswith("swinViT."):
-      continue
     k = re.sub(r"^swinViT\.(layers\d)\.0\.", r"encoder.\1.0.0.", k)
-    k = k.replace("swinViT.", "encoder.").replace(".mlp.linear", ".mlp.fc")
-    out[k] = v
-  out["encoder.mask_token"] = torch.zeros(1, 1, 12)
-  out["encoder.norm.weight"] = torch.ones(192)
-  out["encoder.norm.bias"] = torch.zeros(192)
-  out["out.conv.conv.weight"] = torch.zeros(1, 24, 1, 1)  # a reconstruction head
-  out["decoder.0.weight"] = torch.zeros(8, 192, 3, 3)
-  return out
+    out[k.replace("swinViT.", "encoder.").replace(".mlp.linear", ".mlp.fc")] = v
+  token = torch.zeros(1, 1, 12) if mask_token is None else mask_token
+  return {**out, "encoder.mask_token": token, "encoder.norm.weight": torch.ones(192),
+          "encoder.norm.bias": torch.zeros(192)}
+
+
+def _ssl_layout(state, prefix="module."):
+  """The self-supervised Swin UNETR release ``model_swinvit.pt``: the bare encoder under
+  ``module.`` (``module.patch_embed.proj.weight``, ``module.layers1.0...``, MLP ``fc1``/``fc2``)."""
+  return {prefix + k[len("swinViT."):].replace(".mlp.linear", ".mlp.fc"): v
+          for k, v in state.items() if k.startswith("swinViT.")}
+
+
+@pytest.fixture(scope="module")
+def dae_net():
+  """A MONAI SwinUNETR (1 channel in and out) with the DAE conv patch embedding."""
+  torch.manual_seed(1)
+  net = MonaiSwinUNETR(1, 1, **_CONFIG)
+  net.swinViT.patch_embed.proj = UnetBasicBlock(2, 1, 12, kernel_size=3, stride=2,
+                                                norm_name=("instance", {"affine": True}))
+  return _randomize(net, seed=1)
+
+
+@pytest.fixture(scope="module")
+def dae_token():
+  return torch.randn(1, 1, 12, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def dae_template():
+  return jax.eval_shape(SwinUNETR(1, **_DAE).init, jax.random.key(0), jnp.zeros(_DAE_SHAPE))
+
+
+@pytest.fixture(scope="module")
+def dae_reference(dae_net, dae_token, dae_template):
+  """The DAE network's variables converted from MONAI's own names."""
+  state = {**dae_net.state_dict(), "swinViT.mask_token": dae_token}
+  return swin_unetr_from_torch(state, dae_template).variables
+
+
+@pytest.fixture(scope="module")
+def dae_checkpoint(dae_net, dae_token):
+  return _dae_layout(dae_net.state_dict(), dae_token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,39 +163,117 @@ def test_module_prefix(state, template, reference):
 
 
 # --------------------------------------------------------------------------------------------
-# Pre-training checkpoints (encoder only).
+# Pre-training checkpoints: DAE (whole network, conv patch embedding), self-supervised Swin
+# UNETR (encoder only).
 
 
-def test_dae_checkpoint_into_bare_encoder_strict(state, encoder_template, reference):
-  converted = swin_unetr_from_torch(_dae_layout(state), encoder_template)
-  _assert_same(converted.variables["params"], reference.variables["params"]["swinViT"])
-  assert set(converted.unused) == {"encoder.mask_token", "encoder.norm.weight",
-                                   "encoder.norm.bias", "out.conv.conv.weight",
-                                   "decoder.0.weight"}
+def test_dae_checkpoint_outputs_match_torch(dae_net, dae_checkpoint, dae_template,
+                                            dae_reference, tmp_path):
+  torch.save({"model": dae_checkpoint, "epoch": 3}, tmp_path / "ckpt_best.pth")
+  model = SwinUNETR(1, **_DAE)
+  converted = load_swin_unetr(tmp_path / "ckpt_best.pth", model, dae_template)
+  assert converted.missing == ()
+  assert set(converted.unused) == {"encoder.norm.weight", "encoder.norm.bias"}
+  _assert_same(converted.variables, dae_reference)
+  np.testing.assert_array_equal(converted.variables["params"]["swinViT"]["mask_token"],
+                                dae_checkpoint["encoder.mask_token"].numpy().reshape(12))
+  x = np.random.default_rng(1).normal(size=_DAE_SHAPE).astype(np.float32)
+  with torch.no_grad():
+    expected = np.moveaxis(dae_net(torch.from_numpy(np.moveaxis(x, -1, 1))).numpy(), 1, -1)
+  y = jax.jit(model.apply, compiler_options=_COMPILE)(converted.variables, x)
+  assert np.max(np.abs(np.asarray(y) - expected)) <= 1e-4
 
 
-def test_dae_checkpoint_into_swin_unetr_non_strict(state, template, reference):
-  variables = numpy_filled(template, seed=0, scale=1.0)
-  converted = swin_unetr_from_torch(_dae_layout(state), variables, strict=False)
-  got = converted.variables["params"]
-  _assert_same(got["swinViT"], reference.variables["params"]["swinViT"])
-  _assert_same(got["decoder1"], variables["params"]["decoder1"])  # kept from the template
-  missing_roots = {m.split("/")[1] for m in converted.missing}
-  assert missing_roots == {"encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
-                           "decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out"}
-  assert "encoder.mask_token" in converted.unused
-  assert "out.conv.conv.weight" in converted.unused  # a pre-training head never feeds `out`
-  with pytest.raises(ValueError, match=r"missing.*encoder1"):
-    swin_unetr_from_torch(_dae_layout(state), variables)
+def test_dae_checkpoint_parts(dae_checkpoint, dae_template, dae_reference):
+  variables = numpy_filled(dae_template, seed=3, scale=1.0)
+  encoder_keys = {k for k in dae_checkpoint if k.startswith("encoder.")}
+  extras = {"encoder.norm.weight", "encoder.norm.bias"}
+  # Encoder only: swinViT (with the mask token) from the checkpoint, the rest kept.
+  enc = swin_unetr_from_torch(dae_checkpoint, variables, part="encoder")
+  got = enc.variables["params"]
+  _assert_same(got["swinViT"], dae_reference["params"]["swinViT"])
+  _assert_same({k: v for k, v in got.items() if k != "swinViT"},
+               {k: v for k, v in variables["params"].items() if k != "swinViT"})
+  assert enc.missing and all(m.endswith("(part='encoder')") and "swinViT" not in m
+                             for m in enc.missing)
+  assert set(enc.unused) == set(dae_checkpoint) - encoder_keys | extras
+  # Decoder only (encoder1..4, encoder10, decoder5..1, out): the encoder kept.
+  dec = swin_unetr_from_torch(dae_checkpoint, variables, part="decoder")
+  got = dec.variables["params"]
+  _assert_same(got["swinViT"], variables["params"]["swinViT"])
+  _assert_same({k: v for k, v in got.items() if k != "swinViT"},
+               {k: v for k, v in dae_reference["params"].items() if k != "swinViT"})
+  assert all(m.startswith("params/swinViT/") for m in dec.missing)
+  assert set(dec.unused) == encoder_keys  # relative_position_index buffers included
   with pytest.raises(ValueError, match="only their shapes"):
-    swin_unetr_from_torch(_dae_layout(state), template, strict=False)
+    swin_unetr_from_torch(dae_checkpoint, dae_template, part="encoder")
+  with pytest.raises(ValueError, match="part must be one of"):
+    swin_unetr_from_torch(dae_checkpoint, variables, part="all")
+
+
+def test_dae_checkpoint_into_bare_encoder_strict(dae_checkpoint, dae_reference):
+  x = jnp.zeros(_DAE_SHAPE)
+  kwargs = dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), spatial_dims=2,
+                patch_embedding="conv")
+  template = jax.eval_shape(SwinTransformer(use_mask_token=True, **kwargs).init,
+                            jax.random.key(0), x)
+  converted = swin_unetr_from_torch(dae_checkpoint, template)
+  _assert_same(converted.variables["params"], dae_reference["params"]["swinViT"])
+  decoder = {k for k in dae_checkpoint if not k.startswith("encoder.")}
+  assert set(converted.unused) == decoder | {"encoder.norm.weight", "encoder.norm.bias"}
+  # A model without a mask token reports the checkpoint's; so is a classification head.
+  template = jax.eval_shape(SwinTransformer(**kwargs).init, jax.random.key(0), x)
+  with_head = {**dae_checkpoint, "encoder.head.weight": torch.zeros(2, 192)}
+  assert {"encoder.mask_token", "encoder.head.weight"} <= set(
+      swin_unetr_from_torch(with_head, template).unused)
+  with pytest.raises(ValueError, match="no decoder"):
+    swin_unetr_from_torch(dae_checkpoint, template, part="decoder")
+
+
+def test_stray_key_is_reported(dae_checkpoint, dae_template, state, template):
+  stray = "encoder.layers1.0.0.blocks.0.attn.extra_scale"
+  ckpt = {**dae_checkpoint, stray: torch.zeros(3)}
+  with pytest.raises(ValueError, match=re.escape(stray)):
+    swin_unetr_from_torch(ckpt, dae_template)
+  assert stray in swin_unetr_from_torch(ckpt, dae_template, strict=False).unused
+  with pytest.raises(ValueError, match="head.weight"):  # even with the decoder not taken
+    swin_unetr_from_torch({**state, "head.weight": torch.zeros(2)},
+                          numpy_filled(template), part="encoder")
+
+
+def test_patch_embedding_mismatch_is_named(dae_checkpoint, dae_template, state, template):
+  with pytest.raises(ValueError, match="patch_embedding='conv'"):
+    swin_unetr_from_torch(dae_checkpoint, template)
+  with pytest.raises(ValueError, match="patch_embedding='linear'"):
+    swin_unetr_from_torch(state, dae_template)
+
+
+def test_ssl_checkpoint_into_swin_unetr(state, template, reference):
+  ckpt = _ssl_layout(state)
+  # part="both" (default) needs the decoder: missing when strict, kept when not.
+  with pytest.raises(ValueError, match=r"missing.*encoder1"):
+    swin_unetr_from_torch(ckpt, template)
+  with pytest.raises(ValueError, match="only their shapes"):
+    swin_unetr_from_torch(ckpt, template, strict=False)
+  variables = numpy_filled(template, seed=0, scale=1.0)
+  loose = swin_unetr_from_torch(ckpt, variables, strict=False)
+  assert {m.split("/")[1] for m in loose.missing} == {
+      "encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder5", "decoder4",
+      "decoder3", "decoder2", "decoder1", "out"}
+  # part="encoder" is strict about the encoder only; with the decoder of the MONAI network in
+  # the template, the result is that network's variables (whose outputs match MONAI's above).
+  start = {"params": {**reference.variables["params"],
+                      "swinViT": variables["params"]["swinViT"]}}
+  converted = swin_unetr_from_torch(ckpt, start, part="encoder")
+  _assert_same(converted.variables, reference.variables)
+  _assert_same(loose.variables["params"]["swinViT"], reference.variables["params"]["swinViT"])
+  assert converted.unused == ()
 
 
 @pytest.mark.parametrize("prefix", ["module.", "module.swin_vit.", "swinViT."])
 def test_ssl_release_layouts(state, encoder_template, reference, prefix):
   # model_swinvit.pt (module.layers1.0..., fc1/fc2) and the SSLHead (swin_vit.) with heads.
-  ckpt = {prefix + k[len("swinViT."):].replace(".mlp.linear", ".mlp.fc"): v
-          for k, v in state.items() if k.startswith("swinViT.")}
+  ckpt = _ssl_layout(state, prefix)
   heads = {"rotation_head.weight": torch.zeros(4, 192), "contrastive_head.bias": torch.zeros(512)}
   if prefix != "swinViT.":
     ckpt.update({"module." + k: v for k, v in heads.items()})
@@ -173,6 +290,8 @@ def test_canonical_keys():
       "swinViT.layers3c.0.layer.conv1.conv.weight", True)
   assert canonical_key("module.encoder10.layer.norm1.weight") == (
       "encoder10.layer.norm1.weight", False)
+  assert canonical_key("encoder.patch_embed.proj.conv1.conv.weight") == (
+      "swinViT.patch_embed.proj.conv1.conv.weight", True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import UnetBasicBlock
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 from monai.networks.nets.swin_unetr import PatchMergingV2
 from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
@@ -172,6 +173,147 @@ def test_masks_and_indices_match_monai():
     attn = WindowAttention(12, 3, window)
     np.testing.assert_array_equal(relative_position_index(window),
                                   attn.relative_position_index.numpy())
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-training hooks: the DAE conv patch embedding, channel / token masks with a mask token.
+
+
+def _dae_block(spatial_dims, in_channels, embed_dim):
+  """The DAE checkpoints' patch embedding ``proj`` (research-contributions DAE/, PatchEmbed3D)."""
+  return UnetBasicBlock(spatial_dims, in_channels, embed_dim, kernel_size=3, stride=2,
+                        norm_name=("instance", {"affine": True}))
+
+
+def _masking_hook(channel_mask, token_mask, mask_token):
+  """A forward hook on MONAI's ``patch_embed`` doing what the reference code does to the
+  embedding (channels-first): SimMIM's ``x (1 - w) + token w``, then DAE's channel zeroing."""
+  def hook(module, inputs, out):
+    shape = (*out.shape[:2],) + (1,) * (out.ndim - 2)
+    w = torch.from_numpy(token_mask.astype(np.float32))[:, None]
+    out = out * (1.0 - w) + mask_token.reshape(1, -1, *shape[2:]) * w
+    return out * (1.0 - torch.from_numpy((channel_mask != 0).astype(np.float32)).reshape(shape))
+  return hook
+
+
+def _channel_mask(n, channels, ratio=0.6, seed=0):
+  """``(n, channels)`` float32, ``int(ratio * channels)`` ones per row (local_channel_mask's
+  convention: 1 = zero that channel), a different subset per sample."""
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((n, channels), np.float32)
+  for row in mask:
+    row[rng.permutation(channels)[:int(ratio * channels)]] = 1.0
+  return mask
+
+
+def test_dae_network_with_masks_parity_3d():
+  # The DAE network: conv patch embedding, legacy merging, mask token; masks as in the reference.
+  # (Batch norm in the decoder: PyTorch refuses instance norm of the 1^3 bottleneck of 32^3.)
+  torch.manual_seed(5)
+  kwargs = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), norm_name="batch")
+  net = MonaiSwinUNETR(1, 1, downsample=LegacyPatchMerging, **kwargs)
+  net.swinViT.patch_embed.proj = _dae_block(3, 1, 12)
+  net = _randomize(net, seed=5)
+  mask_token = torch.randn(1, 1, 12)
+  model = SwinUNETR(1, patch_embedding="conv", downsample="merging_legacy", use_mask_token=True,
+                    **kwargs)
+  x = _input((2, 1, 32, 32, 32), seed=5)
+  x_j = np.moveaxis(x, 1, -1)
+  template = jax.eval_shape(model.init, jax.random.key(0), x_j)
+  state = {**net.state_dict(), "swinViT.mask_token": mask_token}
+  variables = swin_unetr_from_torch(state, template).variables
+  np.testing.assert_array_equal(variables["params"]["swinViT"]["mask_token"],
+                                mask_token.numpy().reshape(12))
+  channel = _channel_mask(2, 12, seed=5)
+  token = np.random.default_rng(5).random((2, 16, 16, 16)) < 0.6
+  hook = net.swinViT.patch_embed.register_forward_hook(_masking_hook(channel, token, mask_token))
+  try:
+    y_ref, feats_ref = _monai_taps(net, x)
+  finally:
+    hook.remove()
+  masked = _jit(functools.partial(model.apply, return_features=True))
+  y, feats = masked(variables, x_j, channel_mask=channel, token_mask=token)
+  errors = {k: float(np.max(np.abs(np.asarray(feats[k]) - v))) for k, v in feats_ref.items()}
+  errors["logits"] = float(np.max(np.abs(np.asarray(y) - y_ref)))
+  assert max(errors.values()) <= 1e-4, errors
+
+
+def test_unused_hooks_change_nothing_bit_for_bit():
+  # A mask token that is not used, and empty masks, leave every hidden state as it was.
+  kwargs = dict(embed_dim=12, depths=(1, 1), num_heads=(3, 3), spatial_dims=2)
+  x = jnp.asarray(_input((2, 32, 32, 2), seed=7))
+  with_token = SwinTransformer(use_mask_token=True, **kwargs)
+  variables = _random_variables(with_token, x, seed=7)
+  plain = {"params": {k: v for k, v in variables["params"].items() if k != "mask_token"}}
+  expected = _jit(SwinTransformer(**kwargs).apply)(plain, x)
+  empty = dict(channel_mask=np.zeros((2, 12), np.float32), token_mask=np.zeros((2, 16, 16), bool))
+  for out in (_jit(with_token.apply)(variables, x),
+              _jit(functools.partial(with_token.apply, **empty))(variables, x)):
+    for h, e in zip(out, expected):
+      np.testing.assert_array_equal(np.asarray(h), np.asarray(e))
+
+
+def test_conv_patch_embedding_encoder_parity_3d_odd_sizes():
+  # Odd sizes: the stride-2 conv gives ceil(S / 2) as the reference does; raw hidden states.
+  torch.manual_seed(6)
+  net = MonaiSwinTransformer(in_chans=2, embed_dim=12, window_size=(7, 7, 7),
+                             patch_size=(2, 2, 2), depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3),
+                             spatial_dims=3)
+  net.patch_embed.proj = _dae_block(3, 2, 12)
+  net = _randomize(net, seed=6)
+  x = _input((1, 2, 19, 14, 9), seed=6)
+  with torch.no_grad():
+    ref = [np.moveaxis(h.numpy(), 1, -1) for h in net(torch.from_numpy(x), normalize=False)]
+  model = SwinTransformer(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3),
+                          patch_embedding="conv")
+  x_j = np.moveaxis(x, 1, -1)
+  template = jax.eval_shape(model.init, jax.random.key(0), x_j)
+  variables = swin_unetr_from_torch(net.state_dict(), template).variables
+  out = _jit(functools.partial(model.apply, normalize=False))(variables, x_j)
+  assert [h.shape for h in out] == [h.shape for h in ref]
+  assert out[0].shape == (1, 10, 7, 5, 12)
+  errors = [float(np.max(np.abs(np.asarray(h) - r))) for h, r in zip(out, ref)]
+  assert max(errors) <= 1e-4, errors
+
+
+def test_hooks_keep_monai_variables_unless_asked():
+  x = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+  shapes = lambda **kw: jax.tree.map(lambda s: s.shape, jax.eval_shape(
+      SwinUNETR(2, **_TINY, **kw).init, jax.random.key(0), x))
+  base = shapes()
+  assert shapes(patch_embedding="linear", use_mask_token=False) == base
+  with_token = shapes(use_mask_token=True)
+  assert with_token["params"]["swinViT"].pop("mask_token") == (12,)
+  assert with_token == base
+  conv = shapes(patch_embedding="conv")
+  norm = {"scale": (12,), "bias": (12,)}
+  assert conv["params"]["swinViT"].pop("patch_embed") == {"proj": {
+      "conv1": {"kernel": (3, 3, 1, 12)}, "norm1": norm, "conv2": {"kernel": (3, 3, 12, 12)},
+      "norm2": norm}}
+  del base["params"]["swinViT"]["patch_embed"]
+  assert conv == base
+
+
+@pytest.mark.parametrize("kwargs, masks, match", [
+    (dict(), dict(channel_mask=np.zeros((1, 11))),
+     r"channel_mask must have shape \(B, embedding channels\) = \(1, 12\).*\(1, 11\)"),
+    (dict(), dict(channel_mask=np.zeros((1, 12), np.complex64)), "channel_mask.*complex64"),
+    (dict(use_mask_token=True), dict(token_mask=np.zeros((1, 16, 8), bool)),
+     r"token_mask must have shape \(B, \*patch grid\) = \(1, 16, 16\).*\(1, 16, 8\)"),
+    (dict(use_mask_token=True), dict(token_mask=np.zeros((1, 16, 16), np.float32)),
+     "token_mask must be bool.*float32"),
+    (dict(), dict(token_mask=np.zeros((1, 16, 16), bool)), "token_mask needs use_mask_token"),
+    (dict(patch_embedding="pixel"), dict(), "patch_embedding must be one of"),
+    (dict(patch_embedding="conv", patch_norm=True), dict(), "patch_norm"),
+])
+def test_hook_errors(kwargs, masks, match):
+  model = SwinUNETR(2, **_TINY, **kwargs)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(functools.partial(model.init, **masks), jax.random.key(0),
+                   jnp.zeros((1, 32, 32, 1)))
+  encoder = SwinTransformer(embed_dim=12, patch_size=4, patch_embedding="conv")
+  with pytest.raises(ValueError, match="patch_size=2"):
+    jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))
 
 
 # --------------------------------------------------------------------------------------------
