@@ -61,7 +61,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.config import load_config
+from jaxmed.config import load_config, with_total_steps
 from jaxmed.configs import coper_synthesis as synthesis_configs
 from jaxmed.data import datasets
 from jaxmed.data.subject import label_regions, region_names
@@ -122,26 +122,11 @@ def _run_overrides(seed: int) -> dict:
           "checkpoint.async_save": False}
 
 
-def with_steps(config, steps: int):
-  """``config`` trained for ``steps``: its step-counted milestones (warm-up, frozen parameter
-  groups, SwAV's queue start) scaled by ``steps / config.total_steps``."""
-  scale = steps / int(config.total_steps)
-  config.optim.warmup_steps = int(config.optim.warmup_steps * scale)
-  for group in config.get("param_groups", {}).values():
-    if "freeze_steps" in group:
-      group.freeze_steps = int(group.freeze_steps * scale)
-  if "swav" in config:
-    config.swav.queue_start_step = int(config.swav.queue_start_step * scale)
-  config.total_steps = steps
-  config.log_every = max(1, steps // 10)
-  return config
-
-
 def ssl_config(args, method: str, arch: str, modality: str, seed: int):
   """The shipped SwAV / SimSiam config at ``size=small`` on ``modality``."""
   config = load_config(f"{method}:backbone={ARCHS[arch][0]},modality={modality},size=small",
                        {**_data_overrides(args), **_run_overrides(seed)})
-  return with_steps(config, args.ssl_steps)
+  return with_total_steps(config, args.ssl_steps)
 
 
 def synthesis_config(args, loss_net: str, arch: str, seed: int, lambda1: float | None = None):
@@ -155,7 +140,8 @@ def synthesis_config(args, loss_net: str, arch: str, seed: int, lambda1: float |
     spec.append(f"lambda2={args.lambda2}")
   overrides = {**_data_overrides(args), **_run_overrides(seed),
                "data.min_foreground": args.min_foreground}
-  return with_steps(load_config("coper_synthesis:" + ",".join(spec), overrides), args.steps)
+  config = load_config("coper_synthesis:" + ",".join(spec), overrides)
+  return with_total_steps(config, args.steps)
 
 
 def segmenter_config(args, modalities, pathology):
@@ -163,7 +149,7 @@ def segmenter_config(args, modalities, pathology):
   config = load_config("finetune:size=small", {
       **_data_overrides(args), **_run_overrides(0),
       "data.modalities": tuple(modalities), "data.pathology": pathology})
-  return with_steps(config, args.seg_steps)
+  return with_total_steps(config, args.seg_steps)
 
 
 def sweep_values(args) -> list[float]:

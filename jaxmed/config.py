@@ -246,3 +246,23 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.num_subjects = 12
   c.data.num_test = 2
   return c
+
+
+def with_total_steps(config: ml_collections.ConfigDict, steps: int,
+                     *, log_points: int = 10) -> ml_collections.ConfigDict:
+  """``config`` (changed in place and returned) trained for ``steps``: its step-counted
+  milestones (``optim.warmup_steps``, each parameter group's ``freeze_steps``, SwAV's
+  ``swav.queue_start_step``) scaled by ``steps / config.total_steps`` (rounded down), and
+  ``log_every`` set to log about ``log_points`` times."""
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"with_total_steps: steps must be an int >= 1; got {steps!r}")
+  scale = steps / int(config.total_steps)
+  config.optim.warmup_steps = int(config.optim.warmup_steps * scale)
+  for group in config.get("param_groups", {}).values():
+    if "freeze_steps" in group:
+      group.freeze_steps = int(group.freeze_steps * scale)
+  if "swav" in config:
+    config.swav.queue_start_step = int(config.swav.queue_start_step * scale)
+  config.total_steps = steps
+  config.log_every = max(1, steps // int(log_points))
+  return config

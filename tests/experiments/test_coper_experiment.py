@@ -8,7 +8,7 @@ import runpy
 import numpy as np
 import pytest
 
-from jaxmed.config import load_config
+from jaxmed.config import load_config, with_total_steps
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
 
@@ -68,11 +68,14 @@ def test_lambda1_values_come_from_the_config_sweep(coper):
     coper["sweep_values"](coper["parse_args"](["--lambda1", "0.25"]))
 
 
-def test_with_steps_scales_every_milestone(coper):
+def test_with_total_steps_scales_every_milestone():
   config = load_config("swav:backbone=vgg16_bn,size=small")  # 300 steps
   assert (config.optim.warmup_steps, config.swav.queue_start_step,
           config.param_groups.prototypes.freeze_steps) == (15, 100, 30)
-  config = coper["with_steps"](config, 150)
+  config = with_total_steps(config, 150)
   assert config.total_steps == 150
   assert (config.optim.warmup_steps, config.swav.queue_start_step,
           config.param_groups.prototypes.freeze_steps) == (7, 50, 15)
+  assert config.log_every == 15
+  with pytest.raises(ValueError, match="steps"):
+    with_total_steps(config, 0)
