@@ -7,6 +7,9 @@
   ``train``).
 * `simsiam_loss`: SimSiam's symmetric negative cosine with stop-gradient (Chen & He 2021,
   "Exploring Simple Siamese Representation Learning", Eqs. 1-2 and Alg. 1).
+* `nt_xent_loss`: SimCLR's NT-Xent between two views (Chen et al. 2020, "A Simple Framework
+  for Contrastive Learning of Visual Representations", Eq. 1), as MONAI's ``ContrastiveLoss``
+  and the Swin-UNETR self-supervised ``Contrast`` loss compute it.
 * `cmcl_loss`: DAE's cross-modal contrastive loss (Valanarasu et al., "Disruptive
   Autoencoders", Eqs. 3-5), CLIP's symmetric cross-entropy with targets from the modality;
   `global_average_pool` pools a feature map into its embedding.
@@ -25,6 +28,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxmed.losses import _checks
+
 
 def _shape(x, name: str, fn: str) -> tuple[int, ...]:
   shape = getattr(x, "shape", None)
@@ -37,6 +42,7 @@ def _check_2d(x, name: str, fn: str) -> tuple[int, int]:
   shape = _shape(x, name, fn)
   if len(shape) != 2 or min(shape) < 1:
     raise ValueError(f"{fn}: {name} must be a non-empty (B, D) array; got shape {shape}")
+  _checks.real(fn, name, x)
   return shape
 
 
@@ -64,19 +70,24 @@ def sinkhorn_knopp(scores, *, epsilon: float = 0.05, iterations: int = 3) -> jax
   Args:
     scores: ``(B, K)`` prototype scores (cosine similarities of the L2-normalised embeddings
       and prototypes), any float dtype; computed in float32.
-    epsilon: the entropy regularisation ``epsilon`` of Eq. 3 (SwAV's ``--epsilon`` 0.05), > 0.
+    epsilon: the entropy regularisation ``epsilon`` of Eq. 3 (SwAV's ``--epsilon`` 0.05), > 0
+      and finite.
     iterations: Sinkhorn-Knopp iterations (``--sinkhorn_iterations`` 3), >= 1.
 
   Returns:
     ``(B, K)`` float32 codes: every row sums to 1 (after the final column normalisation) and
     every column (prototype) sums to about ``B / K``.
+
+  Raises:
+    ValueError: ``scores`` not a non-empty ``(B, K)`` array or complex, ``epsilon`` not positive
+      and finite, ``iterations`` not an int >= 1. (TypeError: an integer ``scores``.)
   """
   fn = "sinkhorn_knopp"
   _check_2d(scores, "scores", fn)
   if not jnp.issubdtype(jnp.asarray(scores).dtype, jnp.floating):
     raise TypeError(f"{fn}: scores must be a float array; got dtype {jnp.asarray(scores).dtype}")
-  if not float(epsilon) > 0:
-    raise ValueError(f"{fn}: epsilon must be > 0; got {epsilon!r}")
+  if not 0 < float(epsilon) < float("inf"):
+    raise ValueError(f"{fn}: epsilon must be > 0 and finite; got {epsilon!r}")
   if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
     raise ValueError(f"{fn}: iterations must be an int >= 1; got {iterations!r}")
   log_q = (jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32)) / float(epsilon)).T  # (K, B)
@@ -105,13 +116,19 @@ def swav_loss(scores, assignments, *, crops_for_assign: Sequence[int] = (0, 1),
     scores: ``(V, B, K)`` prototype scores of every crop (global crops first, then local), or a
       sequence of V ``(B, K)`` arrays.
     assignments: ``(A, B, K)`` codes (`sinkhorn_knopp`) of the crops ``crops_for_assign``, in
-      that order, or a sequence of A ``(B, K)`` arrays.
+      that order, or a sequence of A ``(B, K)`` arrays: probabilities in ``[0, 1]`` (soft or
+      one-hot codes), not scores.
     crops_for_assign: indices (into the V crops) of the crops whose codes are given
       (SwAV's ``--crops_for_assign 0 1``: the two global crops).
-    temperature: softmax temperature tau (SwAV's 0.1), > 0.
+    temperature: softmax temperature tau (SwAV's 0.1), > 0 and finite.
 
   Returns:
     The scalar float32 loss.
+
+  Raises:
+    ValueError: (before tracing) shapes as above, complex input, ``crops_for_assign`` out of
+      range or repeated, ``temperature`` not positive and finite; for concrete ``assignments``
+      also values outside ``[0, 1]`` or NaN (e.g. scores passed as codes).
   """
   fn = "swav_loss"
   if isinstance(scores, (list, tuple)):
@@ -130,8 +147,13 @@ def swav_loss(scores, assignments, *, crops_for_assign: Sequence[int] = (0, 1),
     raise ValueError(f"{fn}: assignments must have shape {(len(crops), *s_shape[1:])} "
                      f"(one (B, K) code per crop in crops_for_assign={crops}) for scores of "
                      f"shape {s_shape}; got {a_shape}")
-  if not float(temperature) > 0:
-    raise ValueError(f"{fn}: temperature must be > 0; got {temperature!r}")
+  if not 0 < float(temperature) < float("inf"):
+    raise ValueError(f"{fn}: temperature must be > 0 and finite; got {temperature!r}")
+  _checks.real(fn, "scores", scores)
+  _checks.real(fn, "assignments", assignments)
+  # 1 + 1e-4: float32 codes of a dominant prototype may round a little above 1.
+  _checks.in_range(fn, "assignments", assignments, 0.0, 1.0 + 1e-4,
+                   "codes in [0, 1] (sinkhorn_knopp's output or one-hot), not scores")
   num_crops = s_shape[0]
   log_p = jax.nn.log_softmax(jnp.asarray(scores, jnp.float32) / float(temperature), axis=-1)
   q = jax.lax.stop_gradient(jnp.asarray(assignments, jnp.float32))
@@ -152,16 +174,20 @@ def negative_cosine(p, z, *, eps: float = 1e-8) -> jax.Array:
   Args:
     p: ``(B, D)`` predictions.
     z: ``(B, D)`` targets (no gradient flows into them).
-    eps: norm guard.
+    eps: norm guard, > 0 and finite (at 0 a zero vector gives 0 / 0 = NaN).
 
   Returns:
     The scalar float32 loss, in [-1, 1].
+
+  Raises:
+    ValueError: ``p`` or ``z`` not a non-empty ``(B, D)`` array, of different shapes or complex;
+      ``eps`` not positive and finite.
   """
   fn = "negative_cosine"
   p_shape, z_shape = _check_2d(p, "p", fn), _check_2d(z, "z", fn)
   if p_shape != z_shape:
     raise ValueError(f"{fn}: p and z must have the same shape; got {p_shape} and {z_shape}")
-  return _neg_cos(p, z, eps)
+  return _neg_cos(p, z, _checks.number(fn, "eps", eps, positive=True))
 
 
 def _l2_normalize(x, eps):
@@ -186,10 +212,14 @@ def simsiam_loss(p1, p2, z1, z2, *, eps: float = 1e-8) -> jax.Array:
     p1, p2: ``(B, D)`` predictor outputs of views 1 and 2.
     z1, z2: ``(B, D)`` projector outputs of views 1 and 2 (stop-gradient: no gradient flows
       into them).
-    eps: norm guard of the cosine.
+    eps: norm guard of the cosine, > 0 and finite.
 
   Returns:
     The scalar float32 loss, in [-1, 1] (-1 when each p is parallel to the other view's z).
+
+  Raises:
+    ValueError: an input not a non-empty ``(B, D)`` array, shapes that differ, complex input,
+      ``eps`` not positive and finite.
   """
   fn = "simsiam_loss"
   shapes = {name: _check_2d(x, name, fn) for name, x in
@@ -197,7 +227,55 @@ def simsiam_loss(p1, p2, z1, z2, *, eps: float = 1e-8) -> jax.Array:
   if len(set(shapes.values())) != 1:
     raise ValueError(f"{fn}: p1, p2, z1, z2 must have the same (B, D) shape; got "
                      + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+  eps = _checks.number(fn, "eps", eps, positive=True)
   return 0.5 * _neg_cos(p1, z2, eps) + 0.5 * _neg_cos(p2, z1, eps)
+
+
+def nt_xent_loss(z1, z2, *, temperature: float = 0.5, eps: float = 1e-8) -> jax.Array:
+  """SimCLR's NT-Xent between two views (Eq. 1 of Chen et al. 2020), in float32.
+
+  MONAI 1.6 ``monai.losses.ContrastiveLoss(temperature)(z1, z2)`` and the Swin-UNETR
+  self-supervised ``Contrast`` loss (research-contributions ``SwinUNETR/Pretrain/losses/loss.py``,
+  tau 0.5) both compute, for the ``2B`` rows of ``z = concat(z1, z2)``::
+
+      s_ij = cos(z_i, z_j)                                   # (2B, 2B)
+      l_i  = -log( exp(s_i,p(i) / tau) / sum_{j != i} exp(s_ij / tau) ),  p(i) = i +- B
+      loss = sum_i l_i / (2B)
+
+  (the positive stays in the denominator). Here ``l_i = logsumexp_{j != i}(s_ij / tau) -
+  s_i,p(i) / tau``: the same value without overflow of ``exp(1 / tau)`` for small tau. Each row
+  is divided by ``max(||z_i||, eps)`` (torch's ``cosine_similarity`` guard). Under one global
+  ``jax.jit`` with the batch sharded the negatives are those of the global batch.
+
+  Args:
+    z1: ``(B, D)`` embeddings of view 1 (e.g. the contrastive head's outputs).
+    z2: ``(B, D)`` embeddings of view 2; row ``b`` is the positive of ``z1[b]``.
+    temperature: tau > 0 and finite (MONAI's and the Swin-UNETR recipe's 0.5).
+    eps: norm guard, > 0 and finite.
+
+  Returns:
+    The scalar float32 loss; ``log(2B - 1)`` when every similarity is equal (e.g. all
+    embeddings parallel).
+
+  Raises:
+    ValueError: ``z1`` or ``z2`` not a non-empty ``(B, D)`` array, of different shapes or
+      complex; ``temperature`` or ``eps`` not positive and finite.
+  """
+  fn = "nt_xent_loss"
+  shape1, shape2 = _check_2d(z1, "z1", fn), _check_2d(z2, "z2", fn)
+  if shape1 != shape2:
+    raise ValueError(f"{fn}: z1 and z2 must have the same (B, D) shape; got {shape1} and "
+                     f"{shape2}")
+  temperature = _checks.number(fn, "temperature", temperature, positive=True)
+  eps = _checks.number(fn, "eps", eps, positive=True)
+  z = _l2_normalize(jnp.concatenate([jnp.asarray(z1, jnp.float32),
+                                     jnp.asarray(z2, jnp.float32)]), eps)
+  b2 = z.shape[0]
+  logits = z @ z.T / temperature                                          # (2B, 2B)
+  rows = jnp.arange(b2)
+  positives = logits[rows, (rows + b2 // 2) % b2]
+  others = jnp.where(jnp.eye(b2, dtype=bool), -jnp.inf, logits)           # j != i
+  return jnp.mean(jax.nn.logsumexp(others, axis=1) - positives)
 
 
 CMCL_FORMS = ("normalized", "reference")
@@ -214,6 +292,7 @@ def global_average_pool(features) -> jax.Array:
   if len(shape) < 3 or min(shape) < 1:
     raise ValueError(f"{fn}: features must be a non-empty (N, *spatial, C) array with at "
                      f"least one spatial axis; got shape {shape}")
+  _checks.real(fn, "features", features)
   return jnp.mean(jnp.asarray(features, jnp.float32), axis=tuple(range(1, len(shape) - 1)))
 
 
@@ -265,10 +344,16 @@ def cmcl_loss(embeddings, modality_ids, *, temperature: float = 0.07,
     temperature: ``"normalized"``: the softmax temperature (> 0), logits = cos / temperature;
       ``"reference"``: the exponent ``t`` of the scale ``exp(t)`` (any finite number).
     form: ``"normalized"`` or ``"reference"``.
-    eps: norm guard of the L2 normalisation (``"normalized"`` only).
+    eps: norm guard of the L2 normalisation (``"normalized"`` only), > 0 and finite.
 
   Returns:
     The scalar float32 loss (before the weight alpha).
+
+  Raises:
+    ValueError: ``embeddings`` not a non-empty ``(N, F)`` array or complex, ``modality_ids`` not
+      ``(N,)``, an unknown ``form``, a ``temperature`` not finite (not > 0 for
+      ``"normalized"``), ``eps`` not positive and finite. (TypeError: a non-float
+      ``embeddings`` or non-integer ``modality_ids``.)
   """
   fn = "cmcl_loss"
   n, _ = _check_2d(embeddings, "embeddings", fn)
@@ -288,6 +373,7 @@ def cmcl_loss(embeddings, modality_ids, *, temperature: float = 0.07,
     raise ValueError(f"{fn}: temperature must be > 0 for form='normalized'; got {temperature}")
   if not abs(temperature) < float("inf"):
     raise ValueError(f"{fn}: temperature must be finite; got {temperature}")
+  eps = _checks.number(fn, "eps", eps, positive=True)
 
   return _cmcl(embeddings, modality_ids, jnp.float32(temperature), jnp.float32(eps), form)
 

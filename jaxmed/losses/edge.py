@@ -16,12 +16,13 @@ forward and gradient, at (2, 64, 64, 64, 4).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxmed.losses import _checks
 
 
 _LAYOUT = "(N, H, W, C) or (N, D, H, W, C)"
@@ -35,23 +36,12 @@ def _check_array(fn: str, name: str, x) -> jax.Array:
     except (TypeError, ValueError) as e:
       raise ValueError(f"{fn}: {name} must be a numeric array; got {type(x).__name__}") from e
   dtype = np.dtype(x.dtype)
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    raise ValueError(f"{fn}: {name} must be real; got complex dtype {dtype}")
   if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
     raise ValueError(f"{fn}: {name} must be a numeric array; got dtype {dtype}")
+  _checks.real(fn, name, x)
   if len(x.shape) not in (4, 5):
     raise ValueError(f"{fn}: {name} must be {_LAYOUT}; got shape {tuple(x.shape)}")
   return x
-
-
-def _check_nonneg(fn: str, name: str, value) -> float:
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{fn}: {name} must be a float >= 0; got {value!r}") from e
-  if not (math.isfinite(value) and value >= 0):
-    raise ValueError(f"{fn}: {name} must be a finite float >= 0; got {value!r}")
-  return value
 
 
 def _compute_dtype(dtype):
@@ -124,7 +114,7 @@ def sobel_magnitude(x, *, eps: float = 1e-6) -> jax.Array:
   """
   fn = "sobel_magnitude"
   x = _check_array(fn, "x", x)
-  eps = _check_nonneg(fn, "eps", eps)
+  eps = _checks.number(fn, "eps", eps)
   return _sobel_magnitude(x, eps)
 
 
@@ -162,5 +152,5 @@ def edge_loss(pred, target, *, eps: float = 1e-6) -> jax.Array:
   if tuple(target.shape) != tuple(pred.shape):
     raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal pred shape "
                      f"{tuple(pred.shape)}")
-  eps = _check_nonneg(fn, "eps", eps)
+  eps = _checks.number(fn, "eps", eps)
   return _edge_loss(pred, target, eps)

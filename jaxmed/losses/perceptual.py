@@ -66,6 +66,9 @@ def _check_pair(fn: str, pred, target, features_fn, layout: str) -> tuple[jax.Ar
     raise ValueError(f"{fn}: pred must be {layout} (ndim {ndim}); got shape {pred.shape}")
   if target.shape != pred.shape:
     raise ValueError(f"{fn}: target shape {target.shape} must equal pred shape {pred.shape}")
+  if 0 in pred.shape:
+    raise ValueError(f"{fn}: pred must be non-empty (no axis of size 0: the loss would be a mean "
+                     f"over nothing); got shape {pred.shape}")
   for name, x in (("pred", pred), ("target", target)):
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
       raise ValueError(f"{fn}: {name} must be real; got complex dtype {x.dtype}")
@@ -96,6 +99,11 @@ def coper_loss(pred: jax.Array, target: jax.Array, features_fn: FeaturesFn) -> j
 
   Returns:
     float32 scalar.
+
+  Raises:
+    ValueError: a rank other than 4, shapes that differ, an axis of size 0, complex input, or
+      ``features_fn`` giving different taps for the two (TypeError: ``features_fn`` not
+      callable). Values are whatever ``features_fn`` expects: no range is checked.
   """
   pred, target = _check_pair("coper_loss", pred, target, features_fn, "(N, H, W, C)")
 
@@ -159,6 +167,10 @@ def volume_perceptual_loss(pred: jax.Array, target: jax.Array, features_fn: Feat
 
   Returns:
     float32 scalar.
+
+  Raises:
+    ValueError: as :func:`coper_loss` (rank 5), ``num_slices`` not an int in ``[0, D]``, no
+      ``key`` for ``num_slices > 0``.
   """
   fn = "volume_perceptual_loss"
   pred, target = _check_pair(fn, pred, target, features_fn, "(N, D, H, W, C)")

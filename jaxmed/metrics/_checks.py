@@ -1,8 +1,9 @@
 """Input checks shared by the metric kernels, run on the host before tracing.
 
 Every public metric validates its arguments here and then calls a jitted kernel. Shape, rank and
-dtype checks always run; value checks (NaN, binary) run only on concrete arrays, so a metric
-called inside a user's ``jax.jit`` still traces (it then skips the value checks).
+dtype checks always run; value checks (NaN, binary, label range) run only on concrete arrays, so
+a metric called inside a user's ``jax.jit`` still traces (it then skips the value checks). Each
+value check is one pass over the data on the host.
 """
 
 from __future__ import annotations
@@ -45,7 +46,22 @@ def vectors(fn: str, a_name: str, a, b_name: str, b):
   same_shape(fn, a_name, a, b_name, b)
   if a.ndim < 1:
     raise ValueError(f"{fn}: {a_name} must be (..., n) with at least 1 axis; got shape {a.shape}")
+  real(fn, a_name, a)
+  real(fn, b_name, b)
   return a, b
+
+
+def real(fn: str, name: str, x) -> None:
+  """Raise for a complex ``x`` (the kernels' float32 cast would drop the imaginary part)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise ValueError(f"{fn}: {name} must be real; got dtype {x.dtype}")
+
+
+def nonempty(fn: str, name: str, x) -> None:
+  """Raise if ``x`` has an axis of size 0 (an empty batch: nothing to measure per item)."""
+  if not np.prod(np.shape(x), dtype=np.int64):
+    raise ValueError(f"{fn}: {name} must be non-empty (at least one item, no axis of size 0: "
+                     f"nothing to measure otherwise); got shape {np.shape(x)}")
 
 
 def rank_in(fn: str, name: str, x, ranks, layout: str) -> None:
@@ -61,7 +77,7 @@ def finite(fn: str, name: str, x) -> None:
   # In NumPy: a jitted check on a jax array measured slower at this size, and NumPy input
   # (the common case) is read without a copy.
   if not np.isfinite(np.asarray(x)).all():
-    raise ValueError(f"{fn}: {name} contains NaN or Inf")
+    raise ValueError(f"{fn}: {name} contains NaN or Inf (shape {x.shape}, dtype {x.dtype})")
 
 
 def binary(fn: str, name: str, x) -> None:
@@ -71,7 +87,28 @@ def binary(fn: str, name: str, x) -> None:
   values = np.asarray(x)
   if not ((values == 0) | (values == 1)).all():
     raise ValueError(f"{fn}: {name} must be a binary mask (bool or 0/1); found values "
-                     f"{np.unique(values)[:6]}")
+                     f"{np.unique(values)[:6]} (shape {values.shape}, dtype {values.dtype}; "
+                     "threshold probabilities first)")
+
+
+def nonnegative(fn: str, name: str, x, what: str) -> None:
+  """Raise if a concrete ``x`` holds a negative value; ``what`` says what ``x`` holds."""
+  if is_traced(x) or not x.size:
+    return
+  low = np.min(np.asarray(x))
+  if low < 0:
+    raise ValueError(f"{fn}: {name} must be non-negative {what}; got minimum {low} (shape "
+                     f"{x.shape}, dtype {x.dtype})")
+
+
+def labels_below(fn: str, name: str, x, num_classes: int) -> None:
+  """Raise if a concrete integer ``x`` holds labels outside ``[0, num_classes)``."""
+  if is_traced(x) or not x.size:
+    return
+  lo, hi = int(np.min(np.asarray(x))), int(np.max(np.asarray(x)))
+  if lo < 0 or hi >= int(num_classes):
+    raise ValueError(f"{fn}: {name} labels must be in [0, num_classes={num_classes}); found values "
+                     f"in [{lo}, {hi}] (shape {x.shape}, dtype {x.dtype})")
 
 
 def spacing_tuple(fn: str, spacing, ndim: int) -> tuple[float, ...]:

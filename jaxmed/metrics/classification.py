@@ -32,8 +32,8 @@ def roc_auc(scores, labels):
     raises there.
 
   Raises:
-    ValueError: shape mismatch, a 0-d input, non-numeric input, NaN/Inf in concrete ``scores``,
-      or concrete ``labels`` other than 0/1.
+    ValueError: shape mismatch, a 0-d input, non-numeric or complex input, NaN/Inf in concrete
+      ``scores``, or concrete ``labels`` other than 0/1 (e.g. probabilities).
   """
   scores, labels = _checks.vectors("roc_auc", "scores", scores, "labels", labels)
   _checks.finite("roc_auc", "scores", scores)
@@ -56,7 +56,8 @@ def sensitivity_specificity(pred, labels):
     ``(sensitivity, specificity)``, each ``(...)`` float32.
 
   Raises:
-    ValueError: shape mismatch, a 0-d input, non-numeric input, or concrete values other than 0/1.
+    ValueError: shape mismatch, a 0-d input, non-numeric or complex input, or concrete values
+      other than 0/1 (e.g. probabilities: threshold them first).
   """
   pred, labels = _checks.vectors("sensitivity_specificity", "pred", pred, "labels", labels)
   _checks.binary("sensitivity_specificity", "pred", pred)

@@ -241,9 +241,7 @@ def _weights(fn: str, weights, taps: tuple[str, ...], channels: tuple[int, ...])
       raise ValueError(f"{fn}: {arg} must have shape ({c},), one weight per channel of the tap "
                        f"(expected {expected}); got shape {tuple(w.shape)}")
     _checks.finite(fn, arg, w)
-    if not _checks.is_traced(w) and np.asarray(w).min(initial=0) < 0:
-      raise ValueError(f"{fn}: {arg} must be non-negative (LPIPS clamps its lin weights at 0); "
-                       f"got minimum {np.asarray(w).min()}")
+    _checks.nonnegative(fn, arg, w, "channel weights (LPIPS clamps its lin weights at 0)")
     out.append(w)
   return tuple(out)
 

@@ -49,8 +49,8 @@ def mse(pred, target):
     ``(N,)`` float32: the mean of ``(pred - target) ** 2`` over all non-batch axes.
 
   Raises:
-    ValueError: shape mismatch, rank below 2, a complex or non-numeric dtype, or NaN/Inf in
-      an input.
+    ValueError: shape mismatch, rank below 2, an empty batch (an axis of size 0), a complex or
+      non-numeric dtype, or NaN/Inf in a concrete input.
   """
   pred, target = _images("mse", pred, target)
   return _mse(pred, target)
@@ -66,8 +66,8 @@ def mae(pred, target):
     ``(N,)`` float32: the mean of ``|pred - target|`` over all non-batch axes.
 
   Raises:
-    ValueError: shape mismatch, rank below 2, a complex or non-numeric dtype, or NaN/Inf in
-      an input.
+    ValueError: shape mismatch, rank below 2, an empty batch (an axis of size 0), a complex or
+      non-numeric dtype, or NaN/Inf in a concrete input.
   """
   pred, target = _images("mae", pred, target)
   return _mae(pred, target)
@@ -87,9 +87,9 @@ def psnr(pred, target, *, data_range):
     ``(N,)`` float32.
 
   Raises:
-    ValueError: shape mismatch, rank below 2, a complex or non-numeric dtype, NaN/Inf in an
-      input, or a ``data_range`` that is not positive and finite or not of shape ``()`` or
-      ``(N,)``.
+    ValueError: shape mismatch, rank below 2, an empty batch (an axis of size 0), a complex or
+      non-numeric dtype, NaN/Inf in a concrete input, or a ``data_range`` that is not positive
+      and finite or not of shape ``()`` or ``(N,)``.
   """
   pred, target = _images("psnr", pred, target)
   data_range = _data_range("psnr", data_range, pred.shape[0])
@@ -106,8 +106,8 @@ def nmse(pred, target):
     ``(N,)`` float32 (``inf`` or ``nan`` where ``target`` is all zero).
 
   Raises:
-    ValueError: shape mismatch, rank below 2, a complex or non-numeric dtype, or NaN/Inf in
-      an input.
+    ValueError: shape mismatch, rank below 2, an empty batch (an axis of size 0), a complex or
+      non-numeric dtype, or NaN/Inf in a concrete input.
   """
   pred, target = _images("nmse", pred, target)
   return _nmse(pred, target)
@@ -135,7 +135,7 @@ def ssim(pred, target, *, data_range, window="gaussian", win_size=None, sigma=1.
       the filter from sigma alone and uses its ``win_size`` only for the crop and ``NP``, so it
       matches this function only when ``win_size`` is left at the default.)
     sigma: Gaussian standard deviation in pixels.
-    k1, k2: the stability constants.
+    k1, k2: the stability constants, finite and ``>= 0``.
     sample_covariance: scale variances and covariance by ``NP / (NP - 1)`` with
       ``NP = win_size ** spatial_dims`` (scikit-image's default; it does so for Gaussian
       weights too). False: population covariance (Wang et al., MONAI).
@@ -151,10 +151,11 @@ def ssim(pred, target, *, data_range, window="gaussian", win_size=None, sigma=1.
     ``"reflect_crop"`` and ``win_size - 1`` smaller for ``"valid"``.
 
   Raises:
-    ValueError: shape mismatch, rank other than 4 or 5, a complex or non-numeric dtype,
-      NaN/Inf in an input, a ``data_range`` that is not positive and finite or not of shape
-      ``()`` or ``(N,)``, an unknown ``window`` or ``border``, a ``win_size`` that is even,
-      below 3 or larger than a spatial size, a non-positive ``sigma``, or a negative ``k1`` /
+    ValueError: shape mismatch, rank other than 4 or 5, an empty batch (an axis of size 0), a
+      complex or non-numeric dtype, NaN/Inf in a concrete input, a ``data_range`` that is not
+      positive and finite or not of shape ``()`` or ``(N,)``, an unknown ``window`` or
+      ``border``, a ``win_size`` that is not an odd integer, below 3 or larger than a spatial
+      size, a ``sigma`` that is not positive and finite, or a negative or non-finite ``k1`` /
       ``k2``.
   """
   pred, target = _images("ssim", pred, target, ranks=(4, 5),
@@ -165,12 +166,12 @@ def ssim(pred, target, *, data_range, window="gaussian", win_size=None, sigma=1.
     raise ValueError(f"ssim: border must be one of {_BORDERS}; got {border!r}")
   if not (np.isfinite(sigma) and sigma > 0):
     raise ValueError(f"ssim: sigma must be positive and finite; got {sigma!r}")
-  if not (k1 >= 0 and k2 >= 0):
-    raise ValueError(f"ssim: k1 and k2 must be non-negative; got k1={k1!r}, k2={k2!r}")
+  if not (0 <= k1 < np.inf and 0 <= k2 < np.inf):
+    raise ValueError(f"ssim: k1 and k2 must be non-negative and finite; got k1={k1!r}, k2={k2!r}")
   if win_size is None:
     win_size = 2 * int(3.5 * sigma + 0.5) + 1 if window == "gaussian" else 7
   spatial = pred.shape[1:-1]
-  if int(win_size) != win_size or win_size < 3 or win_size % 2 == 0:
+  if not np.isfinite(win_size) or int(win_size) != win_size or win_size < 3 or win_size % 2 == 0:
     raise ValueError(f"ssim: win_size must be an odd integer >= 3; got {win_size!r}")
   win_size = int(win_size)
   if win_size > min(spatial):
@@ -197,9 +198,9 @@ def _images(fn, pred, target, ranks=None, layout=None):
                        f"got shape {pred.shape}")
   else:
     _checks.rank_in(fn, "pred", pred, ranks, layout)
+  _checks.nonempty(fn, "pred", pred)
   for name, x in (("pred", pred), ("target", target)):
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-      raise ValueError(f"{fn}: {name} must be real; got dtype {x.dtype}")
+    _checks.real(fn, name, x)
     _checks.finite(fn, name, x)
   return pred, target
 

@@ -63,7 +63,7 @@ def ssfd(pred, target, *, encoder_params, layers=("block4_relu2",), weights=None
       :class:`jaxmed.models.SSFDUNet` (its ``encoder`` subtree is used). 2D encoders with one
       input channel.
     layers: the layer names to compare (a name or a sequence of distinct names).
-    weights: one weight per layer, shape ``(len(layers),)``; default 1 each.
+    weights: one non-negative weight per layer, shape ``(len(layers),)``; default 1 each.
     num_groups: GroupNorm groups of the encoder (``SSFDEncoder.num_groups``, 10 in SSFD). The
       parameters do not record it: a wrong value that divides the channels runs and gives other
       features.
@@ -75,9 +75,9 @@ def ssfd(pred, target, *, encoder_params, layers=("block4_relu2",), weights=None
   Raises:
     ValueError: shape mismatch or a rank / channel count other than above, NaN/Inf in a concrete
       input, an unknown layer name or one whose block ``encoder_params`` lacks (the message lists
-      the available layers), duplicate layers, ``weights`` of the wrong length, parameters that
-      are not an SSFD encoder's, ``num_groups`` not dividing a block's channels, or images
-      smaller than ``2**(K - 1)``.
+      the available layers), duplicate layers, ``weights`` of the wrong length, complex,
+      non-finite or (concrete) negative, parameters that are not an SSFD encoder's,
+      ``num_groups`` not dividing a block's channels, or images smaller than ``2**(K - 1)``.
   """
   fn = "ssfd"
   pred, target = _grayscale_pair(fn, pred, target)
@@ -96,7 +96,9 @@ def ssfd(pred, target, *, encoder_params, layers=("block4_relu2",), weights=None
     if weights.shape != (len(layers),):
       raise ValueError(f"{fn}: weights must have shape ({len(layers)},), one per layer of "
                        f"layers={layers}; got shape {weights.shape}")
+    _checks.real(fn, "weights", weights)
     _checks.finite(fn, "weights", weights)
+    _checks.nonnegative(fn, "weights", weights, "layer weights (a distance is a sum of squares)")
   needed = {f"block{k}": params[f"block{k}"] for k in range(1, deepest + 1)}
   return _ssfd(pred, target, needed, weights, layers=layers, num_groups=int(num_groups))
 

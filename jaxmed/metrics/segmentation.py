@@ -30,15 +30,17 @@ def dice(pred, target, *, num_classes=None, include_background=True, empty=float
     ``(N, C)`` float32 (``C - 1`` columns without background).
 
   Raises:
-    ValueError: (before tracing) shape mismatch, rank below 2, label values given without
-      ``num_classes`` of the right form; for concrete input also binary masks with values other
-      than 0 and 1 (e.g. probabilities: threshold them first) and labels outside
-      ``[0, num_classes)``. Inside a user's ``jit`` the value checks are skipped.
+    ValueError: (before tracing) shape mismatch, rank below 2, an empty batch (an axis of size
+      0), label values given without ``num_classes`` of the right form; for concrete input also
+      binary masks with values other than 0 and 1 (e.g. probabilities: threshold them first)
+      and labels outside ``[0, num_classes)``. Inside a user's ``jit`` the value checks are
+      skipped.
   """
   pred, target = _checks.as_array("dice", "pred", pred), _checks.as_array("dice", "target", target)
   pred_shape, target_shape = np.shape(pred), np.shape(target)
   if pred_shape != target_shape:
     raise ValueError(f"dice: pred shape {pred_shape} != target shape {target_shape}")
+  _checks.nonempty("dice", "pred", pred)
   if num_classes is None:
     if len(pred_shape) < 3:
       raise ValueError("dice: binary input must be (N, *spatial, C); got shape "
@@ -54,11 +56,7 @@ def dice(pred, target, *, num_classes=None, include_background=True, empty=float
       if not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"dice: {name} must be an integer label map when num_classes is given; "
                          f"got dtype {x.dtype}")
-      if not _checks.is_traced(x) and x.size:
-        lo, hi = int(np.min(np.asarray(x))), int(np.max(np.asarray(x)))
-        if lo < 0 or hi >= int(num_classes):
-          raise ValueError(f"dice: {name} labels must be in [0, num_classes={num_classes}); "
-                           f"found values in [{lo}, {hi}]")
+      _checks.labels_below("dice", name, x, num_classes)
   return _dice(jnp.asarray(pred), jnp.asarray(target), num_classes=num_classes,
                include_background=include_background, empty=float(empty))
 

@@ -30,7 +30,8 @@ def pearson(x, y):
     (scipy also returns NaN, with a warning), which includes ``n <= 1`` (scipy raises there).
 
   Raises:
-    ValueError: shape mismatch, a 0-d input, non-numeric input, or NaN/Inf in a concrete input.
+    ValueError: shape mismatch, a 0-d input, non-numeric or complex input, or NaN/Inf in a
+      concrete input.
   """
   x, y = _validate("pearson", x, y)
   return _pearson(x, y)
@@ -50,7 +51,8 @@ def spearman(x, y):
     (as in scipy), which includes ``n <= 1``.
 
   Raises:
-    ValueError: shape mismatch, a 0-d input, non-numeric input, or NaN/Inf in a concrete input.
+    ValueError: shape mismatch, a 0-d input, non-numeric or complex input, or NaN/Inf in a
+      concrete input.
   """
   x, y = _validate("spearman", x, y)
   return _spearman(x, y)
@@ -75,8 +77,8 @@ def linear_cka(x, y):
     across examples (its centered features are all zero).
 
   Raises:
-    ValueError: shapes that differ other than in the last axis, rank below 2, non-numeric input,
-      or NaN/Inf in a concrete input.
+    ValueError: shapes that differ other than in the last axis, rank below 2, non-numeric or
+      complex input, or NaN/Inf in a concrete input.
   """
   x = _checks.as_array("linear_cka", "x", x)
   y = _checks.as_array("linear_cka", "y", y)
@@ -85,8 +87,9 @@ def linear_cka(x, y):
   if x.shape[:-1] != y.shape[:-1]:
     raise ValueError(f"linear_cka: x shape {x.shape} and y shape {y.shape} must agree except in "
                      "the last (feature) axis")
-  _checks.finite("linear_cka", "x", x)
-  _checks.finite("linear_cka", "y", y)
+  for name, z in (("x", x), ("y", y)):
+    _checks.real("linear_cka", name, z)
+    _checks.finite("linear_cka", name, z)
   return _linear_cka(x, y)
 
 
@@ -111,20 +114,22 @@ def two_afc_score(d0, d1, judge):
     ``(...)`` float32 in ``[0, 1]``: the mean score over the ``n`` triplets (NaN if ``n == 0``).
 
   Raises:
-    ValueError: shape mismatch, a 0-d input, non-numeric input, NaN/Inf in a concrete input, or
-      a concrete ``judge`` outside ``[0, 1]``.
+    ValueError: shape mismatch, a 0-d input, non-numeric or complex input, NaN/Inf in a
+      concrete input, or a concrete ``judge`` outside ``[0, 1]``.
   """
   fn = "two_afc_score"
   d0, d1 = _checks.vectors(fn, "d0", d0, "d1", d1)
   judge = _checks.as_array(fn, "judge", judge)
   _checks.same_shape(fn, "d0", d0, "judge", judge)
+  _checks.real(fn, "judge", judge)
   for name, x in (("d0", d0), ("d1", d1), ("judge", judge)):
     _checks.finite(fn, name, x)
   if not _checks.is_traced(judge):
     values = np.asarray(judge)
     if not np.all((values >= 0) & (values <= 1)):
       raise ValueError(f"{fn}: judge must lie in [0, 1] (fraction of humans preferring d1's "
-                       f"distortion); got range [{values.min()}, {values.max()}]")
+                       f"distortion); got range [{values.min()}, {values.max()}] (shape "
+                       f"{values.shape}, dtype {values.dtype})")
   return _two_afc_score(d0, d1, judge)
 
 
@@ -141,15 +146,15 @@ def max_normalize(d):
     ``(..., n)`` float32 in ``[0, 1]``, each row's largest entry 1 (unless the row is all zero).
 
   Raises:
-    ValueError: a 0-d input, non-numeric input, or NaN/Inf or negative values in a concrete ``d``.
+    ValueError: a 0-d input, non-numeric or complex input, or NaN/Inf or negative values in a
+      concrete ``d``.
   """
   d = _checks.as_array("max_normalize", "d", d)
   if d.ndim < 1:
     raise ValueError(f"max_normalize: d must be (..., n) with at least 1 axis; got shape {d.shape}")
+  _checks.real("max_normalize", "d", d)
   _checks.finite("max_normalize", "d", d)
-  if not _checks.is_traced(d) and np.asarray(d).min(initial=0) < 0:
-    raise ValueError(f"max_normalize: d must be non-negative distances; got minimum "
-                     f"{np.asarray(d).min()} in shape {d.shape} {d.dtype}")
+  _checks.nonnegative("max_normalize", "d", d, "distances")
   return _max_normalize(d)
 
 
@@ -176,14 +181,12 @@ def paired_t_test(a, b, *, alternative="two-sided"):
     ~4e-2 at 20,000): enable x64 and pass float64 where that matters.
 
   Raises:
-    ValueError: shape mismatch, a 0-d input, non-numeric input, NaN/Inf in a concrete input, or
-      an unknown ``alternative``.
+    ValueError: shape mismatch, a 0-d input, non-numeric or complex input, NaN/Inf in a concrete
+      input, or an unknown ``alternative``.
   """
   fn = "paired_t_test"
   a, b = _checks.vectors(fn, "a", a, "b", b)
   for name, x in (("a", a), ("b", b)):
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-      raise ValueError(f"{fn}: {name} must be real; got dtype {x.dtype}")
     _checks.finite(fn, name, x)
   if alternative not in _ALTERNATIVES:
     raise ValueError(f"{fn}: alternative must be one of {_ALTERNATIVES}; got {alternative!r}")

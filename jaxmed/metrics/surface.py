@@ -305,6 +305,7 @@ def _masks(fn: str, pred, target):
   target = _checks.as_array(fn, "target", target)
   _checks.same_shape(fn, "pred", pred, "target", target)
   _checks.rank_in(fn, "pred", pred, (2, 3, 4), "(N, *spatial) with 1 to 3 spatial axes")
+  _checks.nonempty(fn, "pred", pred)
   _checks.binary(fn, "pred", pred)
   _checks.binary(fn, "target", target)
   return pred.astype(bool), target.astype(bool)
@@ -335,11 +336,13 @@ def distance_transform_edt(mask, spacing=None):
     ``(N, *spatial)`` float32; 0 on zero voxels.
 
   Raises:
-    ValueError: rank outside 2..4, non-binary ``mask``, or bad ``spacing``.
+    ValueError: rank outside 2..4, an empty batch (an axis of size 0), a concrete ``mask``
+      with values other than 0 and 1, or ``spacing`` that is not positive and finite.
   """
   fn = "distance_transform_edt"
   mask = _checks.as_array(fn, "mask", mask)
   _checks.rank_in(fn, "mask", mask, (2, 3, 4), "(N, *spatial) with 1 to 3 spatial axes")
+  _checks.nonempty(fn, "mask", mask)
   _checks.binary(fn, "mask", mask)
   spacing = np.asarray(_checks.spacing_tuple(fn, spacing, mask.ndim - 1), np.float32)
   return _edt_kernel(mask.astype(bool), spacing)
@@ -363,7 +366,9 @@ def hausdorff_distance(pred, target, *, percentile=None, spacing=None, directed=
     ``(N,)`` float32; ``inf`` if exactly one mask is empty, ``nan`` if both are.
 
   Raises:
-    ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing or percentile.
+    ValueError: shape mismatch, rank outside 2..4, an empty batch (an axis of size 0), a
+      concrete mask with values other than 0 and 1 (probabilities: threshold them first),
+      ``spacing`` that is not positive and finite, or ``percentile`` outside ``[0, 100]``.
   """
   fn = "hausdorff_distance"
   if percentile is not None and not 0 <= float(percentile) <= 100:
@@ -390,7 +395,9 @@ def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
     ``(N,)`` float32; ``inf`` if exactly one mask is empty, ``nan`` if both are.
 
   Raises:
-    ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing.
+    ValueError: shape mismatch, rank outside 2..4, an empty batch (an axis of size 0), a
+      concrete mask with values other than 0 and 1 (probabilities: threshold them first), or
+      ``spacing`` that is not positive and finite.
   """
   pred, target, spacing = _prepared("average_surface_distance", pred, target, spacing)
   stats = _surface_statistics(pred, target, spacing, np.float32(-1.0), np.float32(0.0),
@@ -413,8 +420,9 @@ def surface_dice(pred, target, *, tolerance, spacing=None):
     ``(N,)`` float32 in [0, 1]; 0 if exactly one mask is empty, ``nan`` if both are.
 
   Raises:
-    ValueError: shape mismatch, rank outside 2..4, non-binary mask, bad spacing, negative or
-      non-finite tolerance.
+    ValueError: shape mismatch, rank outside 2..4, an empty batch (an axis of size 0), a
+      concrete mask with values other than 0 and 1 (probabilities: threshold them first),
+      ``spacing`` that is not positive and finite, or a negative or non-finite ``tolerance``.
   """
   fn = "surface_dice"
   if not (np.isfinite(tolerance) and tolerance >= 0):

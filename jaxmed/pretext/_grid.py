@@ -8,6 +8,7 @@ the corruptions built on it keep static shapes under `jax.jit`.
 from __future__ import annotations
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
 
@@ -22,10 +23,21 @@ def check_images(images, name: str = "images", *, floating: bool = False):
 
 def check_prob(name: str, value) -> float:
   """``value`` as a float in [0, 1], or a ValueError naming ``name``."""
-  value = float(value)
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be in [0, 1]; got {value!r}") from None
   if not 0.0 <= value <= 1.0:
     raise ValueError(f"{name} must be in [0, 1]; got {value}")
   return value
+
+
+def concrete_values(x):
+  """``x`` as a NumPy array when its values can be read here before tracing, else None (a
+  tracer inside ``jit``, a shard of a multi-host array): value checks then skip."""
+  if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return None
+  return np.asarray(x)
 
 
 def grid_tuple(grid, spatial) -> tuple[int, ...]:

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxmed.pretext._grid import check_prob
+from jaxmed.pretext._grid import check_prob, concrete_values
 
 KINDS = ("none", "noise", "downsample", "noise+downsample")
 RESAMPLE_METHODS = ("linear", "nearest", "nearest-exact")
@@ -53,6 +54,13 @@ def _check_count(name: str, value, fn: str) -> int:
   return int(value)
 
 
+def _check_variance(value, name: str, fn: str) -> float:
+  value = float(value)
+  if not (value >= 0 and math.isfinite(value)):
+    raise ValueError(f"{fn}: {name} must be a finite number >= 0; got {name}={value}")
+  return value
+
+
 def add_noise(key: jax.Array, x: jax.Array, *, variance: float = 0.1) -> jax.Array:
   """Additive Gaussian noise, ``x + sqrt(variance) * N(0, 1)`` (Eq. 1 of DAE).
 
@@ -71,9 +79,7 @@ def add_noise(key: jax.Array, x: jax.Array, *, variance: float = 0.1) -> jax.Arr
   """
   fn = "add_noise"
   _check_x(x, fn)
-  variance = float(variance)
-  if not (variance >= 0 and math.isfinite(variance)):
-    raise ValueError(f"{fn}: variance must be a finite number >= 0; got variance={variance}")
+  variance = _check_variance(variance, "variance", fn)
   return _add_noise(key, x, jnp.float32(math.sqrt(variance)))
 
 
@@ -204,11 +210,17 @@ def apply_channel_mask(embeddings: jax.Array, mask: jax.Array) -> jax.Array:
 
   Args:
     embeddings: ``(N, *S, C)`` (a patch embedding ``(N, D, H, W, C)``, tokens ``(N, T, C)``).
-    mask: ``(N, C)``, nonzero (1) for a channel to zero, as :func:`local_channel_mask` returns.
+    mask: ``(N, C)`` of 0/1 (or bool), 1 for a channel to zero, as :func:`local_channel_mask`
+      returns.
 
   Returns:
     ``embeddings`` with ``embeddings[b, ..., c] = 0`` wherever ``mask[b, c] != 0``; same shape
     and dtype. (A ``where``, not a product: an inf or nan in a masked channel becomes 0 too.)
+
+  Raises:
+    ValueError: (before tracing) ``embeddings`` of rank below 2, ``mask`` not ``(N, C)``; a
+      concrete ``mask`` with values other than 0 and 1 (e.g. a keep-probability or a
+      keep-mask scaled by ``1 / (1 - ratio)``, which would zero every nonzero channel).
   """
   fn = "apply_channel_mask"
   e_shape = getattr(embeddings, "shape", None)
@@ -220,6 +232,10 @@ def apply_channel_mask(embeddings: jax.Array, mask: jax.Array) -> jax.Array:
   if m_shape is None or tuple(m_shape) != expected:
     raise ValueError(f"{fn}: mask must have shape (N, C) = {expected} for embeddings of shape "
                      f"{tuple(e_shape)}; got {None if m_shape is None else tuple(m_shape)}")
+  values = concrete_values(mask)
+  if values is not None and not ((values == 0) | (values == 1)).all():
+    raise ValueError(f"{fn}: mask must be 0/1 (or bool), 1 for a channel to zero; found values "
+                     f"{np.unique(values)[:6]} (shape {values.shape}, dtype {values.dtype})")
   masked = (mask != 0).reshape(e_shape[0], *(1,) * (len(e_shape) - 2), e_shape[-1])
   return jnp.where(masked, jnp.zeros((), embeddings.dtype), embeddings)
 
@@ -258,6 +274,7 @@ def disrupt(key: jax.Array, x: jax.Array, *, kind: str, noise_variance: float = 
   if "downsample" in kind:  # all checks before any work
     _resampling(shape, factor, resample, fn, method_arg="resample")
   if "noise" in kind:
+    _check_variance(noise_variance, "noise_variance", fn)  # named as the caller passed it
     x = add_noise(key, x, variance=noise_variance)
   if "downsample" in kind:
     x = downsample_upsample(x, factor=factor, method=resample)

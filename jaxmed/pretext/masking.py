@@ -19,6 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxmed.pretext._grid import concrete_values
 
 
 def num_keep(num_tokens: int, mask_ratio: float) -> int:
@@ -71,13 +74,22 @@ def restore_ids(ids_keep: jax.Array, num_tokens: int):
 
   For a mask chosen elsewhere (a fixed mask, the same mask for two views, a reference's
   indices). The shuffle is ``concat(ids_keep, masked indices in ascending order)``; ``ids_keep``
-  (N, K) must hold distinct indices in ``[0, num_tokens)`` (not checked: values are traced).
+  (N, K) must hold distinct indices in ``[0, num_tokens)`` per row.
+
+  Raises:
+    ValueError: (before tracing) ``num_tokens`` not an int >= 1, ``ids_keep`` not an integer
+      ``(N, K)`` array with ``1 <= K <= num_tokens``; for concrete ``ids_keep`` also an index
+      outside ``[0, num_tokens)`` or one repeated within a row (either would give a wrong
+      ``ids_restore`` without an error). Inside ``jit`` the value checks are skipped.
   """
+  if not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
+    raise ValueError(f"restore_ids: num_tokens must be an int >= 1; got {num_tokens!r}")
   if getattr(ids_keep, "ndim", None) != 2 or not 1 <= ids_keep.shape[1] <= num_tokens:
     raise ValueError(f"ids_keep must have shape (N, K) with 1 <= K <= num_tokens={num_tokens}; "
                      f"got shape {getattr(ids_keep, 'shape', None)}")
   if not jnp.issubdtype(ids_keep.dtype, jnp.integer):
     raise ValueError(f"ids_keep must be integer; got dtype {ids_keep.dtype}")
+  _check_token_ids(ids_keep, num_tokens)
   n, k = ids_keep.shape
   keep = jnp.zeros((n, num_tokens), jnp.int32).at[jnp.arange(n)[:, None], ids_keep].set(1)
   masked_first = jnp.argsort(keep, axis=1, stable=True)  # the masked ones (0) first, ascending
@@ -85,6 +97,23 @@ def restore_ids(ids_keep: jax.Array, num_tokens: int):
                                  masked_first[:, :num_tokens - k].astype(jnp.int32)], axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
   return ids_restore, (1 - keep).astype(jnp.float32)
+
+
+def _check_token_ids(ids_keep, num_tokens: int) -> None:
+  """Concrete ``ids_keep`` (N, K): indices in ``[0, num_tokens)``, distinct within each row."""
+  values = concrete_values(ids_keep)
+  if values is None or not values.size:
+    return
+  what = f"(shape {values.shape}, dtype {values.dtype})"
+  lo, hi = values.min(), values.max()
+  if lo < 0 or hi >= num_tokens:
+    raise ValueError(f"restore_ids: ids_keep must hold token indices in [0, num_tokens="
+                     f"{num_tokens}); got values in [{lo}, {hi}] {what}")
+  ordered = np.sort(values, axis=1)
+  repeats = np.flatnonzero(np.any(ordered[:, 1:] == ordered[:, :-1], axis=1))
+  if repeats.size:
+    raise ValueError(f"restore_ids: ids_keep must hold distinct indices within a row; rows "
+                     f"{repeats[:6].tolist()} repeat one {what}")
 
 
 def mae_forward(model: Any, variables: Any, x: jax.Array, key: jax.Array,
