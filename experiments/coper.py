@@ -66,7 +66,7 @@ from jaxmed.configs import coper_synthesis as synthesis_configs
 from jaxmed.data import datasets
 from jaxmed.data.subject import label_regions, region_names
 from jaxmed.evaluate import two_afc
-from jaxmed.evaluate.compare import paired_p_values
+from jaxmed.evaluate.compare import format_mean_std, format_p, paired_p_values
 from jaxmed.methods.loss_network import network_variables
 from jaxmed.methods.coper_synthesis import TASKS
 from jaxmed.train import trainer
@@ -287,16 +287,6 @@ def evaluate_run(method, variables, test, segmenter, scorer, min_foreground):
 
 # --- Report ----------------------------------------------------------------------------------
 
-def _fmt(values, digits=3) -> str:
-  v = np.asarray(values, np.float64)
-  v = v[np.isfinite(v)]
-  return f"{v.mean():.{digits}f} ({v.std():.{digits}f})" if v.size else "-"
-
-
-def _p(p) -> str:
-  return "-" if not np.isfinite(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
-
-
 def pooled(results: dict, row: str, key: str) -> np.ndarray:
   """``(seeds x subjects, K)`` of a per-subject score over the row's seeds."""
   return np.concatenate([np.asarray(r[key], np.float64).reshape(len(r[key]), -1)
@@ -310,22 +300,22 @@ def table_iii(results, rows, baseline, regions, upper) -> str:
     cells = [row]
     for key, _, _ in IMAGE_METRICS:
       v = pooled(results, row, key)[:, 0]
-      cell = _fmt(v, 2 if key == "psnr" else 3)
+      cell = format_mean_std(v, 2 if key == "psnr" else 3)
       if row != baseline:
-        cell += f" p={_p(paired_p_values(v[:, None], pooled(results, baseline, key))[0])}"
+        cell += f" p={format_p(paired_p_values(v[:, None], pooled(results, baseline, key))[0])}"
       cells.append(cell)
     dice = pooled(results, row, "dice")
     base = pooled(results, baseline, "dice")
     p = paired_p_values(dice, base)
     for i in range(len(regions)):
-      cell = _fmt(dice[:, i])
+      cell = format_mean_std(dice[:, i])
       if row != baseline:
-        cell += f" p={_p(p[i])}"
+        cell += f" p={format_p(p[i])}"
       cells.append(cell)
     lines.append("| " + " | ".join(cells) + " |")
   up = np.asarray(upper)
   lines.append("| real channel (upper bound) | - | - | - | "
-               + " | ".join(_fmt(up[:, i]) for i in range(len(regions))) + " |")
+               + " | ".join(format_mean_std(up[:, i]) for i in range(len(regions))) + " |")
   return "\n".join(lines)
 
 
@@ -340,7 +330,7 @@ def comparisons(results, pairs, regions) -> str:
     for key, _ in keys:
       va, vb = pooled(results, a, key)[:, :1], pooled(results, b, key)[:, :1]
       d = va - vb
-      cells.append(f"{np.nanmean(d):+.3f} (p={_p(paired_p_values(va, vb)[0])})")
+      cells.append(f"{np.nanmean(d):+.3f} (p={format_p(paired_p_values(va, vb)[0])})")
     lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -571,8 +561,8 @@ def main(argv=None):
     per_seed = {k: [np.nanmean(np.asarray(r[k], np.float64).reshape(len(r[k]), -1)[:, 0])
                     for r in rs] for k in ("psnr", "ssim", "coper", "dice")}
     sweep_lines.append(f"| {lam:.2f} | " + " | ".join(
-        _fmt(per_seed[k], 2 if k == "psnr" else 3) for k in ("psnr", "ssim", "coper", "dice"))
-        + " |")
+        format_mean_std(per_seed[k], 2 if k == "psnr" else 3)
+        for k in ("psnr", "ssim", "coper", "dice")) + " |")
   best = {k: max(sweep, key=lambda lam, k=k: np.mean([np.mean(r[k]) for r in sweep[lam]]))
           for k in ("psnr", "ssim")}
 
@@ -612,7 +602,7 @@ def main(argv=None):
       f"{target} channel is synthesised.", "", table3, "",
       "Paired differences (a - b):", "", table_pairs, "",
       f"Better synthesis, better Dice? Spearman over the {len(run_psnr)} runs between mean PSNR "
-      f"and mean {regions[0]} Dice: {rho:.2f} (p = {_p(rho_p)}).", "",
+      f"and mean {regions[0]} Dice: {rho:.2f} (p = {format_p(rho_p)}).", "",
       "## Fig. 8 analogue: lambda1 (SwAV-VGG loss network)", "",
       "Mean (std) over seeds of the per-run test mean; lambda1 = 1 is the L1 row.", "",
       "\n".join(sweep_lines), "",

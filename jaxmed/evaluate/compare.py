@@ -32,6 +32,24 @@ class RowStats:
   bold: list[bool]
 
 
+def format_p(p: float) -> str:
+  """A p-value for a table: "-" when nan, ``1.2e-05`` below 1e-3, else ``0.034``."""
+  return "-" if not np.isfinite(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def format_mean_std(values, digits: int = 3, *, style: str = "paren") -> str:
+  """``mean (std)`` (``style="paren"``) or ``mean ± std`` (``"pm"``) of the finite values
+  (population std), "-" when there are none."""
+  if style not in ("paren", "pm"):
+    raise ValueError(f"format_mean_std: style must be 'paren' or 'pm'; got {style!r}")
+  v = np.asarray(values, np.float64).ravel()
+  v = v[np.isfinite(v)]
+  if not v.size:
+    return "-"
+  mean, std = f"{v.mean():.{digits}f}", f"{v.std():.{digits}f}"
+  return f"{mean} ({std})" if style == "paren" else f"{mean} ± {std}"
+
+
 def paired_p_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Two-sided paired t-test p-value per column of ``a`` vs ``b`` (both ``(n, R)``), dropping
   pairs with a nan; nan where fewer than two pairs remain or the differences are constant."""
