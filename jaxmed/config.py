@@ -248,6 +248,24 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def make_small_3d(c: ml_collections.ConfigDict, total_steps: int = 200
+                  ) -> ml_collections.ConfigDict:
+  """Shrinks a 3D pre-training config to a CPU-sized run (``size=small``; changed in place and
+  returned): ``total_steps`` steps of batch 8 with 5% of them warm-up, 32^3 crops of 64^3
+  phantoms (12, of which 2 are held out for test), a log line every 20 steps, a checkpoint every
+  100. The networks' sizes are the config's own."""
+  c.total_steps = total_steps
+  c.batch_size = 8
+  c.log_every = 20
+  c.checkpoint.every = 100
+  c.data.num_subjects = 12
+  c.data.num_test = 2
+  c.data.shape = (64, 64, 64)
+  c.data.crop_size = (32, 32, 32)
+  c.optim.warmup_steps = total_steps // 20
+  return c
+
+
 def with_total_steps(config: ml_collections.ConfigDict, steps: int,
                      *, log_points: int = 10) -> ml_collections.ConfigDict:
   """``config`` (changed in place and returned) trained for ``steps``: its step-counted

@@ -6,6 +6,8 @@ disruptive_autoencoders Sec. 4; MONAI's BTCV / Swin-UNETR recipe).
     jaxmed train --config seg3d:model=swin_unetr --workdir runs/swin        # Swin-UNETR
     jaxmed train --config seg3d:size=small --workdir runs/seg3d \
         --config.init.path=runs/restoration3d                               # from pre-training
+    jaxmed train --config seg3d:model=swin_unetr,part=encoder,size=small \
+        --config.init.path=runs/swin_ssl --workdir runs/swin_ssl_ft         # the encoder only
 
 A 3D UNet (or Swin-UNETR, feature size 48 as in DAE; 12 at ``size=small``) on ``crop_size``
 crops (a third centred on labelled voxels), flips / rot90 and intensity scale-and-shift
@@ -26,9 +28,11 @@ def get_config(arg: str = ""):
   """``arg``: ``target=tumour|tissues``; ``model=unet|swin_unetr``; ``input=new|tile``: a
   pre-trained input layer with another channel count is replaced by a new one, or its kernel
   tiled over the channels (scaled by old / new, `jaxmed.train.init.tile_input_channels`;
-  `jaxmed.methods.segmentation.transfer_layers`); ``size=small`` for a CPU-sized run."""
-  args = parse_arg(arg, {"target": "tumour", "model": "unet", "input": "new", "size": ""},
-                   config="seg3d")
+  `jaxmed.methods.segmentation.transfer_layers`); ``part=both|encoder|decoder`` (Swin-UNETR):
+  what is transferred from the pre-trained network, the rest starts fresh; ``size=small`` for a
+  CPU-sized run."""
+  args = parse_arg(arg, {"target": "tumour", "model": "unet", "input": "new", "part": "both",
+                         "size": ""}, config="seg3d")
   if args["target"] not in ("tumour", "tissues"):
     raise ValueError(f"seg3d: target must be 'tumour' or 'tissues'; got {args['target']!r}")
   if args["input"] not in ("new", "tile"):
@@ -46,7 +50,7 @@ def get_config(arg: str = ""):
   c.data.augment.affine_p = 0.0
   c.data.augment.update(intensity_scale=0.1, intensity_scale_p=0.1, intensity_shift=0.1,
                         intensity_shift_p=0.1)
-  c.init.update(transfer_layers(args["model"], args["input"]))
+  c.init.update(transfer_layers(args["model"], args["input"], args["part"]))
   if args["target"] == "tissues":  # FeTA-like: the tissue map from a single modality
     c.data.pathology = "brain_tissues"
     c.data.modalities = ("t1",)

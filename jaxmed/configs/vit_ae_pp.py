@@ -42,7 +42,7 @@ here), 12 phantoms (2 for validation, 2 for test). 2D small: the 64 x 64 axial s
 tokens) with the same networks.
 """
 
-from jaxmed.config import method_config, parse_arg
+from jaxmed.config import make_small_3d, method_config, parse_arg
 from jaxmed.configs.coper_synthesis import _TORCH_SUFFIXES, LOSS_ARCHS
 from jaxmed.methods.vit_ae_pp import REFERENCE_CL_WEIGHT, TERMS
 
@@ -116,18 +116,11 @@ def get_config(arg: str = ""):
   if dims == 2:
     c.data.view = "slice"  # axial slices with >= data.min_foreground brain
   if small:
-    c.total_steps = 300
-    c.batch_size = 8
-    c.log_every = 20
-    c.checkpoint.every = 100
-    c.data.num_subjects = 12
-    c.data.num_test = 2
-    c.data.shape = (64, 64, 64)
-    c.data.crop_size = (32, 32, 32)
+    make_small_3d(c, total_steps=300)  # 15 warm-up steps
     c.model.update(embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128,
                    decoder_depth=2, decoder_num_heads=4)
     c.loss.num_slices = 4
-    c.optim.update(lr=5e-4, warmup_steps=15)
+    c.optim.lr = 5e-4
     c.loss_net.model.width = 0.25
   else:
     c.total_steps = FULL_STEPS

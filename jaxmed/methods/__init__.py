@@ -3,18 +3,22 @@
 from jaxmed.methods.base import Method
 from jaxmed.methods.context_prediction import ContextPredictionMethod
 from jaxmed.methods.coper_synthesis import CoPerSynthesisMethod
+from jaxmed.methods.dae import DAEMethod
 from jaxmed.methods.reconstruction import ReconstructionMethod
 from jaxmed.methods.restoration import RestorationMethod
 from jaxmed.methods.segmentation import SegmentationMethod
 from jaxmed.methods.si import SourceIdentificationMethod
+from jaxmed.methods.simmim import SimMIMMethod
 from jaxmed.methods.simsiam import SimSiamMethod
 from jaxmed.methods.swav import SwAVMethod
+from jaxmed.methods.swin_ssl import SwinSSLMethod
 from jaxmed.methods.vit_ae_pp import ViTAEPlusPlusMethod
 
 METHODS = {m.name: m for m in (ContextPredictionMethod, CoPerSynthesisMethod,
                                ReconstructionMethod, RestorationMethod,
                                SegmentationMethod, SourceIdentificationMethod,
-                               SimSiamMethod, SwAVMethod, ViTAEPlusPlusMethod)}
+                               SimSiamMethod, SwAVMethod, ViTAEPlusPlusMethod,
+                               DAEMethod, SimMIMMethod, SwinSSLMethod)}
 
 
 def get_method(config) -> Method:
@@ -27,4 +31,5 @@ def get_method(config) -> Method:
 
 __all__ = ["METHODS", "Method", "CoPerSynthesisMethod", "ContextPredictionMethod",
            "ReconstructionMethod", "RestorationMethod", "SegmentationMethod", "SimSiamMethod",
-           "SourceIdentificationMethod", "SwAVMethod", "ViTAEPlusPlusMethod", "get_method"]
+           "SourceIdentificationMethod", "SwAVMethod", "ViTAEPlusPlusMethod", "DAEMethod",
+           "SimMIMMethod", "SwinSSLMethod", "get_method"]

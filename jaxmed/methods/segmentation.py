@@ -81,19 +81,39 @@ INPUT_LAYERS = {"unet": r"[^/]+/input_conv/.*",
 OUTPUT_LAYERS = {"unet": r"[^/]+/output_conv/.*", "swin_unetr": r"[^/]+/out/.*"}
 
 
-def transfer_layers(model: str, input_layer: str = "new") -> dict[str, tuple[str, ...]]:
+# What a Swin-UNETR fine-tuned from part of a pre-trained one keeps fresh (``part``), and its
+# image-reading layers inside the transferred part. The fresh patterns name the collection
+# first, so that the short form of a params path (``swinViT/...``, `jaxmed.train.init`) never
+# matches them; pre-trained leaves they match (heads, another decoder) are dropped.
+PARTS = ("both", "encoder", "decoder")
+SWIN_UNETR_FRESH = {"encoder": r"(params|batch_stats)/(?!swinViT/).*",
+                    "decoder": r"(params|batch_stats)/swinViT/.*"}
+SWIN_UNETR_PART_INPUTS = {"encoder": r"[^/]+/(swinViT/patch_embed/proj)/.*",
+                          "decoder": r"[^/]+/(encoder1/layer/conv[13])/.*"}
+
+
+def transfer_layers(model: str, input_layer: str = "new",
+                    part: str = "both") -> dict[str, tuple[str, ...]]:
   """``{"replace": ..., "tile": ...}`` for ``config.init`` when fine-tuning a pre-trained
   ``model`` ("unet" | "swin_unetr") for segmentation: the output layer is always new; the
   layers reading the image are new (``input_layer="new"``; source_identification Sec. 5.4) or
   their kernels are tiled over the channels when the count differs (``"tile"``,
-  `jaxmed.train.init.tile_input_channels`; other layers of the same blocks are transferred)."""
+  `jaxmed.train.init.tile_input_channels`; other layers of the same blocks are transferred).
+  ``part`` (Swin-UNETR only): "both" transfers the whole network; "encoder" only ``swinViT``
+  (e.g. from a ``swin_ssl`` run, whose heads and in-painting decoder are dropped), "decoder"
+  everything but ``swinViT``; the other part starts fresh."""
   if model not in INPUT_LAYERS:
     raise ValueError(f"transfer_layers: model must be one of {sorted(INPUT_LAYERS)}; got "
                      f"{model!r}")
+  if part not in PARTS or (part != "both" and model != "swin_unetr"):
+    raise ValueError(f"transfer_layers: part must be one of {PARTS} for 'swin_unetr' ('both' for "
+                     f"other models); got part={part!r} for model={model!r}")
+  inputs = INPUT_LAYERS[model] if part == "both" else SWIN_UNETR_PART_INPUTS[part]
+  fresh = () if part == "both" else (SWIN_UNETR_FRESH[part],)
   if input_layer == "new":
-    return {"replace": (INPUT_LAYERS[model], OUTPUT_LAYERS[model]), "tile": ()}
+    return {"replace": (inputs, OUTPUT_LAYERS[model]) + fresh, "tile": ()}
   if input_layer == "tile":
-    return {"replace": (OUTPUT_LAYERS[model],), "tile": (INPUT_LAYERS[model][:-2] + "(.*/)?kernel",)}
+    return {"replace": (OUTPUT_LAYERS[model],) + fresh, "tile": (inputs[:-2] + "(.*/)?kernel",)}
   raise ValueError(f"transfer_layers: input_layer must be 'new' or 'tile'; got {input_layer!r}")
 
 

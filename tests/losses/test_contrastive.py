@@ -1,6 +1,6 @@
-"""SwAV's Sinkhorn-Knopp and swapped prediction, SimSiam's loss, DAE's CMCL: NumPy / PyTorch
-transcriptions of the reference code, known values, stop-gradients, and global sums under a
-sharded jit."""
+"""SwAV's Sinkhorn-Knopp and swapped prediction, SimSiam's loss, DAE's CMCL, NT-Xent (MONAI's
+ContrastiveLoss): NumPy / PyTorch transcriptions of the reference code, known values,
+stop-gradients, and global sums under a sharded jit."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmed.losses import negative_cosine, simsiam_loss, sinkhorn_knopp, swav_loss
-from jaxmed.losses.contrastive import cmcl_loss, global_average_pool
+from jaxmed.losses.contrastive import cmcl_loss, global_average_pool, nt_xent_loss
 from jaxmed.train import sharding
 
 
@@ -303,3 +303,61 @@ def test_cmcl_errors():
     cmcl_loss(np.zeros((2, 3), np.float32), np.zeros(2, np.int32), temperature=0.0)
   with pytest.raises(ValueError, match=r"global_average_pool: features must be .*\(4, 5\)"):
     global_average_pool(np.zeros((4, 5), np.float32))
+
+
+# --- NT-Xent ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b, d, temperature, scale", [
+    (4, 8, 0.5, 1.0), (1, 3, 0.5, 1.0), (6, 16, 0.1, 1.0), (3, 5, 2.0, 1.0), (8, 512, 0.5, 30.0),
+    (5, 4, 0.05, 1.0)])
+def test_nt_xent_equals_monai_contrastive_loss_with_its_gradients(b, d, temperature, scale):
+  from monai.losses import ContrastiveLoss  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(b * d)
+  z1, z2 = (scale * rng.normal(size=(2, b, d))).astype(np.float32)
+  t1, t2 = (torch.tensor(z, requires_grad=True) for z in (z1, z2))
+  expected = ContrastiveLoss(temperature=temperature)(t1, t2)
+  expected.backward()
+  loss, (g1, g2) = jax.value_and_grad(
+      lambda a, c: nt_xent_loss(a, c, temperature=temperature), argnums=(0, 1))(z1, z2)
+  np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g1, t1.grad.numpy(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g2, t2.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_nt_xent_known_values_and_float32():
+  # Every embedding parallel: every similarity 1, so each row is log(2B - 1).
+  z = np.tile(np.array([[1.0, 2.0, 0.5]], np.float32), (4, 1))
+  np.testing.assert_allclose(float(nt_xent_loss(z, 3 * z)), np.log(7), rtol=1e-6)
+  # Orthonormal views, positives identical: l = log(e^(1/t) + (2B - 2)) - 1/t.
+  e = np.eye(3, dtype=np.float32)
+  t = 0.1
+  np.testing.assert_allclose(float(nt_xent_loss(e, e, temperature=t)),
+                             np.log(np.exp(1 / t) + 4) - 1 / t, atol=1e-6)
+  # bfloat16 inputs, float32 loss, finite gradients even at tau = 0.01 (exp(100) overflows).
+  zb = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.bfloat16)
+  loss, grad = jax.value_and_grad(lambda a: nt_xent_loss(a, a[::-1], temperature=0.01))(zb)
+  assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+  assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
+def test_nt_xent_under_jit_on_4_devices_equals_1_device():
+  z1, z2 = np.random.default_rng(3).normal(size=(2, 8, 6)).astype(np.float32)
+  mesh = sharding.make_mesh({"data": 4})
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  np.testing.assert_allclose(float(jax.jit(nt_xent_loss)(put(z1), put(z2))),
+                             float(nt_xent_loss(z1, z2)), rtol=1e-6)
+
+
+def test_nt_xent_errors():
+  z = np.zeros((2, 3), np.float32)
+  with pytest.raises(ValueError, match=r"z1 and z2 must have the same \(B, D\) shape; got "
+                                       r"\(2, 3\) and \(3, 3\)"):
+    nt_xent_loss(z, np.zeros((3, 3), np.float32))
+  with pytest.raises(ValueError, match=r"z2 must be a non-empty \(B, D\) array"):
+    nt_xent_loss(z, np.zeros((2, 3, 1), np.float32))
+  for bad in (0.0, -1.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
+      nt_xent_loss(z, z, temperature=bad)
+  with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+    nt_xent_loss(z, z, eps=0.0)

@@ -15,9 +15,11 @@ from jaxmed.data import datasets, synthetic
 from jaxmed.methods import METHODS, get_method
 
 EXPECTED = {"context_prediction": "context_prediction", "coper_synthesis": "coper_synthesis",
+            "dae": "dae", "simmim": "simmim",
             "finetune": "segmentation", "reconstruction": "reconstruction",
             "restoration": "restoration", "seg3d": "segmentation", "si": "si",
-            "simsiam": "simsiam", "swav": "swav", "vit_ae_pp": "vit_ae_pp"}
+            "simsiam": "simsiam", "swav": "swav", "swin_ssl": "swin_ssl",
+            "vit_ae_pp": "vit_ae_pp"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
