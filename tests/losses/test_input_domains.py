@@ -112,6 +112,12 @@ AUDIT = {
         Case("NaN ce_weight", dict(ce_weight=NAN), "ce_weight"),
         Case("complex logits", dict(logits=IMG + 1j), "logits"),
     ]),
+    "nt_xent_loss": Spec(dict(z1=VEC, z2=VEC2), cases=[
+        Case("shapes differ", dict(z2=VEC2[:2]), "z1 and z2"),
+        Case("temperature 0", dict(temperature=0.0), "temperature"),
+        Case("eps 0", dict(eps=0.0), "eps"),
+        Case("complex z1", dict(z1=VEC + 1j), "z1"),
+    ]),
     "simsiam_loss": Spec(dict(p1=VEC, p2=VEC2, z1=VEC2, z2=VEC), cases=COSINE_EPS + [
         Case("shapes differ", dict(z2=VEC[:2]), "z2"),
         Case("complex p1", dict(p1=VEC + 1j), "p1"),
