@@ -9,7 +9,7 @@ disruptive_autoencoders Sec. 4; MONAI's BTCV / Swin-UNETR recipe).
     jaxmed train --config seg3d:model=swin_unetr,part=encoder,size=small \
         --config.init.path=runs/swin_ssl --workdir runs/swin_ssl_ft         # the encoder only
 
-A 3D UNet (or Swin-UNETR, feature size 48 as in DAE; 12 at ``size=small``) on ``crop_size``
+A 3D UNet (or Swin-UNETR, feature size 48 as in DAE; 12, window 4 at ``size=small``) on ``crop_size``
 crops (a third centred on labelled voxels), flips / rot90 and intensity scale-and-shift
 augmentation (MONAI's recipe: factor / offset 0.1, p 0.1); DiceCE (softmax) for the tissue
 classes, Dice + BCE (sigmoid) for the overlapping tumour regions. ``finetune.folds`` folds of the non-held-out
@@ -65,7 +65,9 @@ def get_config(arg: str = ""):
   c.finetune.test_best = True
   if args["size"] == "small":
     if args["model"] == "swin_unetr":
-      c.model.feature_size = 12
+      # Window 4 tiles the 16^3 tokens of a 32^3 crop exactly (7 pads them to 21^3), and is
+      # the window of the small DAE / SimMIM / Swin-SSL pre-training runs it fine-tunes.
+      c.model.update(feature_size=12, window_size=4)
     else:
       c.model.features = (8, 16, 32, 64)
     c.data.shape = (32, 48, 48)

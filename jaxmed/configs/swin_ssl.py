@@ -7,7 +7,7 @@ and "Contrastive Coding" rows).
     jaxmed train --config swin_ssl:tasks=rotation,size=small --workdir runs/rotation    # Table 4
     jaxmed train --config swin_ssl:tasks=contrastive,size=small --workdir runs/contrast # Table 4
     jaxmed train --config seg3d:model=swin_unetr,part=encoder,size=small \\
-        --config.init.path=runs/swin_ssl --config.model.window_size=4 ...               # fine-tune
+        --config.init.path=runs/swin_ssl --workdir runs/swin_ssl_ft                      # fine-tune
 
 ``arg``: comma-separated ``key=value``:
   tasks: the pretext tasks that are on, joined by "+": "all" (default: rotation + contrastive +
