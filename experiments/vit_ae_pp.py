@@ -17,7 +17,8 @@ pre-training. Each run is repeated for every ``--seeds`` value (network initiali
 augmentations and batches change; the data do not).
 
 1. Table 3: the ablation rows ViT + L_CL, ViT-AE (L_rec), + L_edge, + L_per, + L_edge + L_per,
-   ViT-AE++ (all four terms), and a random (untrained) encoder. Features of the frozen encoder
+   ViT-AE++ (all four terms), a random (untrained) encoder, and, as a yardstick without a
+   network, per-channel intensity statistics of the crop. Features of the frozen encoder
    (mean-pooled tokens after the final norm; the config's ``features.pool``) of one 32^3 crop
    per evaluation subject, centred on its tumour's centroid, clean and unmasked; the phantom's
    grade (high / low) by a linear SVM with stratified nested cross-validation
@@ -73,6 +74,9 @@ ROWS = (("ViT + L_CL", "cl"), ("ViT-AE", "rec"), ("ViT-AE + L_edge", "rec+edge")
         ("ViT-AE + L_per", "rec+per"), ("ViT-AE + L_edge + L_per", "rec+edge+per"),
         ("ViT-AE++", "all"))
 RANDOM_ROW = "random encoder"
+# No network: per-channel intensity statistics of the z-scored crop, a yardstick for how much
+# of the grade a linear SVM can read from intensities alone.
+INTENSITY_ROW = "intensity statistics (no network)"
 # Table 5's rows: L2, + edge, + edge + perceptual.
 RECON_ROWS = (("L2", "rec"), ("L2 + edge", "rec+edge"), ("L2 + edge + perceptual", "rec+edge+per"))
 ROWS_2D = (("MAE (L_rec)", "rec"), ("ViT-AE++ 2D", "all"))
@@ -222,6 +226,16 @@ def encoder_features(method, variables, images, batch: int = 16) -> np.ndarray:
   fn = jax.jit(method.features)
   return np.concatenate([np.asarray(fn(variables, images[i:i + batch]))
                          for i in range(0, len(images), batch)])
+
+
+def intensity_features(crops) -> np.ndarray:
+  """``(N, 5 C)``: per channel the mean, std and 10th / 50th / 90th percentiles of each crop
+  ``(N, *S, C)`` z-scored with one mean and std over all voxels and channels (as the method)."""
+  x = crops.reshape(len(crops), -1, crops.shape[-1]).astype(np.float64)
+  z = (x - x.mean(axis=(1, 2), keepdims=True)) / np.maximum(x.std(axis=(1, 2), keepdims=True),
+                                                            1e-6)
+  stats = [z.mean(axis=1), z.std(axis=1)] + [np.percentile(z, q, axis=1) for q in (10, 50, 90)]
+  return np.concatenate(stats, axis=1)
 
 
 def svm_scores(features, grades) -> dict:
@@ -415,6 +429,8 @@ def main(argv=None):
 
   svm = {name: [] for name, _ in ROWS}
   svm[RANDOM_ROW] = []
+  svm[INTENSITY_ROW] = []
+  intensity = svm_scores(intensity_features(crops), grades)  # no seed: the same for each
   recon = {name: [] for name, _ in RECON_ROWS}
   sweep = {0.75: svm["ViT-AE"]} if args.mask_losses == "rec" else {}
   lambda2_runs = {"decay": [], "constant": []}
@@ -446,6 +462,7 @@ def main(argv=None):
         curves.setdefault("lambda2 decay", workdir)
     method, variables = random_encoder(pretrain_config(args, "rec", seed))
     svm[RANDOM_ROW].append(svm_scores(encoder_features(method, variables, crops), grades))
+    svm[INTENSITY_ROW].append(intensity)
 
     # Fig. 2 left: the mask ratio.
     for ratio in sorted(set(args.mask_ratios) | {0.75}):

@@ -30,7 +30,8 @@ def test_tables_figures_and_results(experiment, tmp_path):
   for heading in ("## Table 3 analogue", "## Fig. 2 analogue", "## Table 5 analogue",
                   "## 2D variant"):
     assert heading in report
-  rows = [name for name, _ in experiment["ROWS"]] + [experiment["RANDOM_ROW"]]
+  rows = [name for name, _ in experiment["ROWS"]] + [experiment["RANDOM_ROW"],
+                                                     experiment["INTENSITY_ROW"]]
   for row in rows:
     assert f"| {row} |" in report
   for row in ("L2", "L2 + edge", "L2 + edge + perceptual", "MAE (L_rec)", "ViT-AE++ 2D"):
