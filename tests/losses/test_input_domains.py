@@ -43,6 +43,7 @@ class _TapNet:
   """A stand-in Flax module for `network_features`: ``apply`` returns the requested taps."""
 
   def __call__(self, x, *, train=False, taps=()):
+    """Never called: `network_features` reads only this signature (whether it takes taps)."""
     raise NotImplementedError
 
   def apply(self, variables, x, *, train, taps):
