@@ -29,10 +29,8 @@ import time
 import numpy as np
 
 from jaxmed.config import load_config
-from jaxmed.evaluate.compare import paired_p_values
+from jaxmed.evaluate.compare import SURFACE_METRICS, paired_differences, pool_subjects
 from jaxmed.runner import run_config
-
-METRICS = (("dice", "Dice", True), ("hd95", "HD95 (mm)", False), ("msd", "MSD (mm)", False))
 
 
 def pretrain_config(seg, args):
@@ -64,38 +62,12 @@ def seg_config(args, seed: int, pretrained: str | None):
   return config
 
 
-def pooled(tables: list[dict], metric: str) -> np.ndarray:
-  """``(seeds x subjects, R)`` of ``metric`` over the seeds' out-of-fold tables, subjects in
-  one order."""
-  rows = []
-  for t in tables:
-    order = np.argsort(t["subjects"])
-    rows.append(np.asarray(t[metric], np.float64)[order])
-  return np.concatenate(rows)
-
-
-def _cell(values: np.ndarray) -> str:
-  finite = values[np.isfinite(values)]
-  if not finite.size:
-    return "inf"
-  text = f"{finite.mean():.3f} ({finite.std(ddof=1) if finite.size > 1 else 0.0:.3f})"
-  return text + (f", {values.size - finite.size} inf" if finite.size < values.size else "")
-
-
 def comparison(regions, scratch: list[dict], pretrained: list[dict]) -> str:
-  lines = ["| metric | region | scratch | pre-trained | difference | paired t p | pairs |",
-           "|---|---|---|---|---|---|---|"]
-  for metric, label, _ in METRICS:
-    a, b = pooled(scratch, metric), pooled(pretrained, metric)
-    p_values = paired_p_values(a, b)  # pairs with an infinite distance left out
-    for r, region in enumerate(regions):
-      keep = np.isfinite(a[:, r]) & np.isfinite(b[:, r])
-      diff = b[keep, r] - a[keep, r]
-      p = p_values[r]
-      mean_diff = f"{diff.mean():+.3f}" if keep.any() else "n/a"
-      lines.append(f"| {label} | {region} | {_cell(a[:, r])} | {_cell(b[:, r])} | {mean_diff} | "
-                   f"{p:.3g} | {int(keep.sum())} |")
-  return "\n".join(lines)
+  """Pre-trained against scratch per metric and region, over (seed, subject) pairs of the
+  seeds' out-of-fold tables (`jaxmed.evaluate.compare.paired_differences`)."""
+  scores = {name: {key: pool_subjects(tables, key) for key, _ in SURFACE_METRICS}
+            for name, tables in (("scratch", scratch), ("pre-trained", pretrained))}
+  return paired_differences(regions, scores, baseline="scratch")
 
 
 def main(argv=None):

@@ -60,7 +60,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.config import load_config, with_total_steps
+from jaxmed.config import load_config, parse_overrides, with_total_steps
 from jaxmed.configs.vit_ae_pp import parse_losses
 from jaxmed.data import datasets
 from jaxmed.evaluate.compare import format_mean_std, format_p, paired_p_values
@@ -126,19 +126,6 @@ def parse_args(argv=None):
 
 # --- Configs and data ------------------------------------------------------------------------
 
-def _overrides(args) -> dict:
-  out = {}
-  for item in args.set:
-    field, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set expects FIELD=VALUE; got {item!r}")
-    try:
-      out[field] = json.loads(value)
-    except json.JSONDecodeError:
-      out[field] = value
-  return out
-
-
 def pretrain_config(args, losses: str, seed: int, *, dims: int = 3, mask_ratio=None,
                     lambda2: str = "decay", steps: int | None = None):
   """The shipped ``vit_ae_pp`` config at ``size=small`` for one run."""
@@ -152,7 +139,7 @@ def pretrain_config(args, losses: str, seed: int, *, dims: int = 3, mask_ratio=N
                "checkpoint.async_save": False}
   if args.data_root:
     overrides["data.root"] = args.data_root
-  config = load_config("vit_ae_pp:" + ",".join(spec), {**overrides, **_overrides(args)})
+  config = load_config("vit_ae_pp:" + ",".join(spec), {**overrides, **parse_overrides(args.set)})
   return with_total_steps(config, steps or args.steps, log_points=40)
 
 

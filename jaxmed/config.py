@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import ml_collections
 
@@ -170,6 +171,22 @@ def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
       raise KeyError(f"override {path!r}: no such config field")
     node[leaf] = value
   return config
+
+
+def parse_overrides(items) -> dict:
+  """``{field: value}`` of ``FIELD=VALUE`` strings (an experiment script's ``--set`` flags), each
+  value parsed as JSON where it can be (``model.depths=[1,1,1,1]``, ``optim.lr=1e-3``) and kept
+  as a string otherwise (``model.downsample=merging``); for `apply_overrides`."""
+  out = {}
+  for item in items:
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+      raise ValueError(f"expected FIELD=VALUE; got {item!r}")
+    try:
+      out[field] = json.loads(value)
+    except json.JSONDecodeError:
+      out[field] = value
+  return out
 
 
 def resolve_config_path(spec: str) -> tuple[str, str]:

@@ -121,3 +121,66 @@ def significance_table(scores: dict[str, np.ndarray], regions, *, baseline: str,
       cells.append(f"**{cell}**" if s.bold[r] else cell)
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+# Per-subject segmentation metrics of `jaxmed.evaluate.crossval.surface_metrics`: (key, label).
+SURFACE_METRICS = (("dice", "Dice"), ("hd95", "HD95 (mm)"), ("msd", "MSD (mm)"))
+
+
+def pool_subjects(tables: list[dict], metric: str) -> np.ndarray:
+  """``(sum of S, R)``: ``metric`` of several runs' tables (each ``{"subjects": ids, metric:
+  (S, R)}``, e.g. one per seed) stacked, each table's rows ordered by subject id, so that row
+  ``i`` pairs one (run, subject) across methods that listed their subjects in another order."""
+  rows = []
+  for t in tables:
+    order = np.argsort(t["subjects"])
+    rows.append(np.asarray(t[metric], np.float64)[order])
+  return np.concatenate(rows)
+
+
+def format_finite(values, digits: int = 3) -> str:
+  """``mean (std)`` (sample std) of the finite values, with ``, k inf`` when ``k`` values are
+  infinite (a distance to an empty mask); "inf" when none is finite; nan values are skipped."""
+  values = np.asarray(values, np.float64).ravel()
+  values = values[~np.isnan(values)]
+  finite = values[np.isfinite(values)]
+  if not finite.size:
+    return "inf" if values.size else "-"
+  std = finite.std(ddof=1) if finite.size > 1 else 0.0
+  text = f"{finite.mean():.{digits}f} ({std:.{digits}f})"
+  return text + (f", {values.size - finite.size} inf" if finite.size < values.size else "")
+
+
+def paired_differences(regions, scores: dict[str, dict[str, np.ndarray]], *, baseline: str,
+                       metrics=SURFACE_METRICS) -> str:
+  """Markdown table: per metric and region, ``mean (std)`` of the baseline and of every other
+  row (`format_finite`), each row's mean paired difference from the baseline and its two-sided
+  paired t-test p-value over the pairs where both values are finite, and the pair count.
+
+  Args:
+    regions: the region (class) names, one per score column.
+    scores: ``{row name: {metric: (n, R)}}``, rows paired (the same (run, subject) in the same
+      order, `pool_subjects`); the baseline first in the table.
+    baseline: the row the others are compared with.
+    metrics: ``(key, label)`` pairs of the metrics to show (`SURFACE_METRICS`).
+  """
+  if baseline not in scores:
+    raise ValueError(f"baseline {baseline!r} is not a row; rows: {list(scores)}")
+  others = [name for name in scores if name != baseline]
+  header = ["metric", "region", baseline]
+  for name in others:
+    header += [name, "difference", "paired t p", "pairs"]
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for key, label in metrics:
+    base = np.asarray(scores[baseline][key], np.float64)
+    p_values = {name: paired_p_values(np.asarray(scores[name][key], np.float64), base)
+                for name in others}
+    for r, region in enumerate(regions):
+      cells = [label, str(region), format_finite(base[:, r])]
+      for name in others:
+        values = np.asarray(scores[name][key], np.float64)[:, r]
+        keep = np.isfinite(values) & np.isfinite(base[:, r])
+        diff = f"{np.mean(values[keep] - base[keep, r]):+.3f}" if keep.any() else "n/a"
+        cells += [format_finite(values), diff, format_p(p_values[name][r]), str(int(keep.sum()))]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

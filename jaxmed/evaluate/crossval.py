@@ -97,6 +97,23 @@ def surface_metrics(pred, truth, spacing) -> dict[str, np.ndarray]:
                                                      spacing=spacing, symmetric=True))}
 
 
+def surface_scores(method, variables, subjects, *, predict=None) -> dict:
+  """One model's ``{"subjects": ids, "dice", "hd95", "msd": (S, R)}`` on ``subjects``
+  (`surface_metrics` per subject), predicted as `jaxmed.evaluate.finetune` tests: by
+  ``predict`` (default `evaluators.segmentation_predictor`'s: sliding windows of the method's
+  ``finetune`` settings for a 3D network, the same program as the validation and test Dice)."""
+  mode, default = evaluators.segmentation_predictor(method)
+  predict = predict or default
+  rows = {"subjects": [], "dice": [], "hd95": [], "msd": []}
+  for subject in subjects:
+    pred = evaluators.predict_volume(method, variables, subject.image, mode=mode,
+                                     predict=predict)
+    rows["subjects"].append(subject.subject_id)
+    for key, value in surface_metrics(pred, subject.regions, subject.spacing).items():
+      rows[key].append(value)
+  return {k: (v if k == "subjects" else np.stack(v)) for k, v in rows.items()}
+
+
 @dataclasses.dataclass
 class CrossValResult:
   """``folds``: per fold the test subject ids and metrics ``(S_k, R)``; ``out_of_fold``: every

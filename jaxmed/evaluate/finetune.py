@@ -29,7 +29,7 @@ class FinetuneResult:
   """What `finetune` returns: test results of the tested weights, the final train state, the
   method, the labelled subjects' ids, and the early-stopping record (``best_step`` is the step
   whose weights were tested; ``stopped_early`` whether training ended before total_steps)."""
-  test: dict
+  test: dict | None
   state: object
   method: SegmentationMethod
   labeled_subjects: list
@@ -81,7 +81,9 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
     pretrained: pre-trained variables; default: loaded from ``config.init.path`` if set. Either
       way they are transferred by ``config.init`` (``replace``: the new input and output
       layers, `jaxmed.train.init.transfer`).
-    splits: ``{"train", "val", "test"}`` subject lists (default: from ``config.data``).
+    splits: ``{"train", "val", "test"}`` subject lists (default: from ``config.data``); with
+      no test subjects nothing is tested (``FinetuneResult.test`` None; the caller scores
+      ``tested_variables`` itself).
   """
   splits = splits or datasets.load_splits(config.data)
   ft = config.finetune
@@ -120,10 +122,12 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
     tested, best_step = early.best_variables, early.best_step
   # The test subjects as the validation ones: slice-wise for a 2D network, sliding windows
   # over whole volumes for a 3D one (finetune.roi_size, overlap, window_mode, tta).
-  mode, predict = evaluators.segmentation_predictor(method)
-  test = evaluate_subjects(method, tested, splits["test"], batch_size=int(ft.eval_batch_size),
-                           mode=mode, predict=predict)
-  if jax.process_index() == 0:
+  test = None
+  if len(splits["test"]):
+    mode, predict = evaluators.segmentation_predictor(method)
+    test = evaluate_subjects(method, tested, splits["test"],
+                             batch_size=int(ft.eval_batch_size), mode=mode, predict=predict)
+  if jax.process_index() == 0 and test is not None:
     with open(os.path.join(workdir, "test_dice.json"), "w") as f:
       json.dump({"subjects": test["subjects"], "regions": list(test["regions"]),
                  "dice": np.where(np.isnan(test["dice"]), None, test["dice"]).tolist(),
