@@ -57,6 +57,16 @@ def spheres(shape, centre, radius):
   return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
 
 
+def folded_band(shape, field, low, high):
+  """A cortex-like grey-matter mask: a thin shell (``high - low`` of the brain radius, about 3
+  voxels) that follows the folded level sets of ``field`` (a smooth random field) inside an
+  ellipsoid brain: thin, folded and large, like a 1 mm cortical ribbon."""
+  grid = np.indices(shape, dtype=np.float32)
+  radius = np.sqrt(sum(((g - (n - 1) / 2) / (0.45 * n)) ** 2 for g, n in zip(grid, shape)))
+  depth = radius + 0.12 * field / field.std()
+  return (depth > low) & (depth < high)
+
+
 def monai_masks(pred, target):
   """(N, *spatial) bool -> MONAI's (N, 1, *spatial) float tensors."""
   return (torch.from_numpy(pred[:, None].astype(np.float32)),
@@ -107,14 +117,24 @@ def cases(scale):
                                 for a, b in zip(x, y)]),
               lambda: np.asarray(jm.psnr(xd, yd, data_range=1.0))))
 
-  # Surface distances: 128^3 random blobs (surface everywhere) and two offset spheres.
-  pairs = {"blobs": (blobs(rng, (n3,) * 3)[None], blobs(rng, (n3,) * 3)[None]),
-           "spheres": (spheres((n3,) * 3, (n3 // 2,) * 3, 0.23 * n3)[None],
-                       spheres((n3,) * 3, (n3 // 2 + 2, n3 // 2 - 2, n3 // 2), 0.22 * n3)[None])}
-  for kind, (p, t) in pairs.items():
+  # Surface distances at 128^3 and at a BraTS volume's 240 x 240 x 155: random blobs (surface
+  # everywhere, two independent masks), two offset spheres, and a folded cortex-like ribbon
+  # against the same ribbon at another threshold (half a voxel thicker on each side).
+  pairs = {}
+  for shape in ((n3,) * 3, tuple(size(n) for n in (240, 240, 155))):
+    label = "x".join(map(str, shape)) if len(set(shape)) > 1 else f"{shape[0]}^3"
+    centre = np.asarray(shape) // 2
+    pairs[f"{label} blobs"] = (blobs(rng, shape)[None], blobs(rng, shape)[None])
+    pairs[f"{label} spheres"] = (spheres(shape, centre, 0.23 * min(shape))[None],
+                                 spheres(shape, centre + (2, -2, 0), 0.22 * min(shape))[None])
+    field = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3.0)
+    width = 3.0 / (0.45 * min(shape))  # 3 voxels of the normalised radius
+    pairs[f"{label} folded"] = (
+        folded_band(shape, field, 0.8 - width / 6, 0.8 + 7 * width / 6)[None],
+        folded_band(shape, field, 0.8, 0.8 + width)[None])
+  for desc, (p, t) in pairs.items():
     mp, mt = monai_masks(p, t)
     p, t = dev(p), dev(t)
-    desc = f"{n3}^3 {kind}"
     out.append(("hd95", desc, "MONAI",
                 lambda mp=mp, mt=mt: compute_hausdorff_distance(
                     mp, mt, include_background=True, percentile=95).numpy().ravel(),
@@ -132,7 +152,7 @@ def cases(scale):
                     mp, mt, class_thresholds=[2.0], include_background=True).numpy().ravel(),
                 lambda p=p, t=t: np.asarray(jm.surface_dice(p, t, tolerance=2.0))))
 
-  p, _ = pairs["blobs"]
+  p, _ = pairs[f"{n3}^3 blobs"]
   pd = dev(p)
   out.append(("edt", f"{n3}^3 blobs", "scipy",
               lambda: ndi.distance_transform_edt(p[0])[None],

@@ -137,6 +137,56 @@ def test_jit_path_equals_cropped_eager_path():
   np.testing.assert_allclose(eager, ref, rtol=1e-5)
 
 
+def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
+  """The paths of `_squared_edt` after its first window level (4 voxels): a few uncertified
+  voxels searched in boxes around them (a false-positive speck 9 voxels off); a small speck
+  beyond the first box reach (30 mm: searched again in wider boxes); a larger one there (more
+  voxels than the wider search takes: the dense levels run); many far voxels (more than
+  _MAX_OUTLIERS: straight to the dense levels); an empty target next to them. Every metric
+  equals MONAI's, the EDT scipy's."""
+  from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
+  shape, spacing = (60, 44, 40), (1.0, 0.8, 1.6)
+  grid = np.indices(shape)
+  ball = lambda c, r: sum((g - x) ** 2 for g, x in zip(grid, c)) <= r**2
+  # A second ball in both masks spreads them over the array, so that a box (49 voxels) does
+  # not span it.
+  target = np.stack([ball((15, 22, 20), 9) | ball((54, 36, 33), 4)] * 5)
+  pred = np.stack([ball((15, 21, 20), 9) | ball((54, 36, 33), 4)] * 5)
+  pred[0, 33:35, 20:22, 19:21] = True                          # 9 voxels off the target
+  pred[1, 44:46, 4:6, 4:6] = True                              # about 30 mm off
+  pred[4, 44:48, 3:7, 4:7] = True                              # there too, 44 surface voxels
+  pred[2] = _blobs(np.random.default_rng(5), shape, 1, sigma=2.0, level=0.0)[0]  # far and many
+  target[3] = False                                            # empty target: inf
+  assert surface._MAX_OUTLIERS < int(pred[2].sum())
+  assert surface._FAR_OUTLIERS < 44 and surface._OUTLIER_REACH * 0.8 < 28
+  # One call per path (the outlier count is the whole batch's): the near speck with the empty
+  # target, the far specks, the many far voxels.
+  for items in ([0, 3], [1], [4], [2]):
+    p, t = pred[items], target[items]
+    known = [i for i, k in enumerate(items) if k != 3]
+    for percentile in (None, 95):
+      ours = np.asarray(hausdorff_distance(p, t, percentile=percentile, spacing=spacing))
+      ref = _monai(compute_hausdorff_distance, p[known], t[known], spacing,
+                   percentile=percentile)
+      np.testing.assert_allclose(ours[known], ref, rtol=1e-6)
+      assert np.all(np.isinf(np.delete(ours, known)))
+    np.testing.assert_allclose(
+        np.asarray(average_surface_distance(p, t, spacing=spacing, symmetric=True))[known],
+        _monai(compute_average_surface_distance, p[known], t[known], spacing, symmetric=True),
+        rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(surface_dice(p, t, tolerance=2.0, spacing=spacing))[known],
+        _monai(compute_surface_dice, p[known], t[known], spacing, class_thresholds=[2.0]),
+        rtol=1e-6)
+  # EDT: distances inside a thin shell (few voxels past 5 from the background) and inside a
+  # thick ball (many).
+  mask = np.stack([ball((30, 22, 20), 14) & ~ball((30, 22, 20), 11), ball((30, 22, 20), 19)])
+  mask[0, 28:33, 20:25, 18:23] = True  # a solid lump in the shell's hollow
+  np.testing.assert_allclose(np.asarray(distance_transform_edt(mask, spacing=spacing)),
+                             np.stack([ndi.distance_transform_edt(m, sampling=spacing)
+                                       for m in mask]), rtol=1e-5, atol=1e-6)
+
+
 _masks = st.integers(0, 2**32 - 1).map(
     lambda seed: _blobs(np.random.default_rng(seed), (12, 10), 2, sigma=1.2, level=0.0))
 
