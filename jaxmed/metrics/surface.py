@@ -18,12 +18,13 @@ other, starting from 0 on features and "far" elsewhere. Each pass is evaluated o
 because any feature outside the ``(2W + 1)^d`` box lies farther away than that. The first
 window (4 voxels) runs over the whole array. The voxels it leaves uncertified are usually few (a
 false-positive speck far from the other surface): up to 2048 of them each get an exact search
-of the box of half-width 24 voxels around it (up to 32 that this leaves uncertain, of 64 voxels),
-so that a handful of far voxels does not make the whole volume pay for a wider window. More of
-them, or one farther than a box reaches, run the next dense windows (8, 16, 32, ... voxels,
-ending with the whole axis, which is brute force and always exact) until every voxel that is asked for is certified. The cost thus follows the
-distances actually needed: about 8 shifted minima per axis for close surfaces, instead of
-scipy's sequential O(n) per line or a brute force O(n) per voxel.
+of the box of half-width 24 voxels around it (up to 32 that this leaves uncertain, of 64
+voxels), so that a handful of far voxels does not make the whole volume pay for a wider window.
+More of them, one farther than a box reaches, or any in an array under 64^3 voxels (where dense
+windows cost little) run the next dense windows (8, 16, 32, ... voxels, ending with the whole
+axis, which is brute force and always exact) until every voxel that is asked for is certified.
+The cost thus follows the distances actually needed: about 8 shifted minima per axis for close
+surfaces, instead of scipy's sequential O(n) per line or a brute force O(n) per voxel.
 
 Concrete (non-traced) inputs are first cropped to the bounding box of ``pred | target`` plus a
 one-voxel margin (as MONAI does), rounded up to a few bucket sizes to bound recompilation. The
@@ -55,6 +56,7 @@ _OUTLIER_REACH = 24
 _OUTLIER_CHUNK = 16
 _FAR_OUTLIERS = 32    # of those, searched again in boxes of half-width _FAR_OUTLIER_REACH
 _FAR_OUTLIER_REACH = 64
+_OUTLIER_MIN_VOXELS = 64**3  # smaller arrays (per item) run the dense levels only
 _COMPACT_BLOCK = 1024  # entries per block when locating them, in at most _OUTLIER_BLOCKS blocks
 _OUTLIER_BLOCKS = 256
 
@@ -238,6 +240,10 @@ def _squared_edt(features, query, spacing):
   levels = _window_levels(spatial)
   g = at_window(levels[0])
   if len(levels) == 1:
+    return g
+  if np.prod(spatial) < _OUTLIER_MIN_VOXELS:  # dense levels cost little; boxes, compile time
+    for previous, window in zip(levels, levels[1:]):
+      g = jax.lax.cond(certified(g, previous), lambda g: g, lambda g: at_window(window), g)
     return g
   uncertified = query & (g > _certified_reach(spatial, levels[0], spacing))
   per_block = count_true(_compact_blocks(uncertified))

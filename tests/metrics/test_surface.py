@@ -145,13 +145,13 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
   _MAX_OUTLIERS: straight to the dense levels); an empty target next to them. Every metric
   equals MONAI's, the EDT scipy's."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
-  shape, spacing = (60, 44, 40), (1.0, 0.8, 1.6)
+  shape, spacing = (80, 72, 64), (1.0, 0.8, 1.6)
   grid = np.indices(shape)
   ball = lambda c, r: sum((g - x) ** 2 for g, x in zip(grid, c)) <= r**2
-  # A second ball in both masks spreads them over the array, so that a box (49 voxels) does
-  # not span it.
-  target = np.stack([ball((15, 22, 20), 9) | ball((54, 36, 33), 4)] * 5)
-  pred = np.stack([ball((15, 21, 20), 9) | ball((54, 36, 33), 4)] * 5)
+  # A second ball in both masks spreads them over the array: at least _OUTLIER_MIN_VOXELS
+  # after the crop, and wider than a box (49 voxels).
+  target = np.stack([ball((15, 22, 20), 9) | ball((72, 64, 56), 5)] * 5)
+  pred = np.stack([ball((15, 21, 20), 9) | ball((72, 64, 56), 5)] * 5)
   pred[0, 33:35, 20:22, 19:21] = True                          # 9 voxels off the target
   pred[1, 44:46, 4:6, 4:6] = True                              # about 30 mm off
   pred[4, 44:48, 3:7, 4:7] = True                              # there too, 44 surface voxels
@@ -159,6 +159,9 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
   target[3] = False                                            # empty target: inf
   assert surface._MAX_OUTLIERS < int(pred[2].sum())
   assert surface._FAR_OUTLIERS < 44 and surface._OUTLIER_REACH * 0.8 < 28
+  cropped, _ = surface._crop_to_union(pred[:1], target[:1])
+  assert surface._OUTLIER_MIN_VOXELS <= np.prod(cropped.shape[1:])
+  assert max(cropped.shape[1:]) > 2 * surface._OUTLIER_REACH + 1
   # One call per path (the outlier count is the whole batch's): the near speck with the empty
   # target, the far specks, the many far voxels.
   for items in ([0, 3], [1], [4], [2]):
@@ -180,8 +183,8 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
         rtol=1e-6)
   # EDT: distances inside a thin shell (few voxels past 5 from the background) and inside a
   # thick ball (many).
-  mask = np.stack([ball((30, 22, 20), 14) & ~ball((30, 22, 20), 11), ball((30, 22, 20), 19)])
-  mask[0, 28:33, 20:25, 18:23] = True  # a solid lump in the shell's hollow
+  mask = np.stack([ball((36, 32, 30), 14) & ~ball((36, 32, 30), 11), ball((36, 32, 30), 19)])
+  mask[0, 34:39, 30:35, 28:33] = True  # a solid lump in the shell's hollow
   np.testing.assert_allclose(np.asarray(distance_transform_edt(mask, spacing=spacing)),
                              np.stack([ndi.distance_transform_edt(m, sampling=spacing)
                                        for m in mask]), rtol=1e-5, atol=1e-6)
