@@ -9,8 +9,8 @@ from helpers import REPO, tiny_flags
 from jaxmed import cli, config as config_lib
 
 
-def _run(*args, cwd=REPO):
-  return subprocess.run([sys.executable, "-m", "jaxmed.cli", *args], cwd=cwd,
+def _run(*args, cwd=REPO, env=None):
+  return subprocess.run([sys.executable, "-m", "jaxmed.cli", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
@@ -54,9 +54,15 @@ def test_unknown_command_and_help():
 
 
 def test_sweep_runs_locally_and_writes_slurm_script(tmp_path):
+  # Without the test session's compilation cache: the CLI's default one, under
+  # $JAXMED_CACHE_DIR/jit, shared by the sweep's runs.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+         and k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAXMED_CACHE_DIR"] = str(tmp_path / "cache")
   proc = _run("sweep", "--config", "finetune", "--workdir", str(tmp_path / "local"),
-              "--noprogress", *tiny_flags(), "--config.total_steps=2")
+              "--noprogress", *tiny_flags(), "--config.total_steps=2", env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.listdir(tmp_path / "cache" / "jit")
   runs = sorted(os.listdir(tmp_path / "local"))
   assert runs == ["000", "001", "002"]
   for run in runs:
