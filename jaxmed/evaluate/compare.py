@@ -33,8 +33,11 @@ class RowStats:
 
 
 def format_p(p: float) -> str:
-  """A p-value for a table: "-" when nan, ``1.2e-05`` below 1e-3, else ``0.034``."""
-  return "-" if not np.isfinite(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+  """A p-value for a table: "-" when nan, "< 1e-30" below that (`paired_p_values` computes in
+  float32, which underflows to 0 near 1e-38), ``1.2e-05`` below 1e-3, else ``0.034``."""
+  if not np.isfinite(p):
+    return "-"
+  return "< 1e-30" if p < 1e-30 else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
 
 
 def format_mean_std(values, digits: int = 3, *, style: str = "paren") -> str:

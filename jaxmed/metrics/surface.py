@@ -184,13 +184,22 @@ def _boxes(features, coords, count, spacing, reach: int, chunk: int):
   return jnp.where(used, d2, _FAR), ok | ~used
 
 
-def _resolve_outliers(g, features, uncertified, per_block, spacing, count):
-  """``(g, exact)``: ``g`` with the ``count`` (<= _MAX_OUTLIERS) ``uncertified`` voxels (their
-  `_compact_blocks` counts ``per_block``) replaced by exact box searches around each
+def _resolve_outliers(g, features, uncertified, spacing, count):
+  """``(g, exact)``: ``g`` with the ``count`` (<= _MAX_OUTLIERS) ``uncertified`` voxels, if they
+  lie in at most _OUTLIER_BLOCKS of its `_compact_blocks`, replaced by exact box searches around
+  each
   (`_box_distances`, half-width _OUTLIER_REACH; the few that reach finds nothing certain for,
   at most _FAR_OUTLIERS, again with half-width _FAR_OUTLIER_REACH), and whether every one of
   them is exact. A handful of far voxels (an isolated false positive) then costs a few boxes
   instead of another dense level over the whole volume."""
+  per_block = count_true(_compact_blocks(uncertified))
+  return jax.lax.cond(jnp.sum(per_block > 0) <= _OUTLIER_BLOCKS,
+                      lambda g: _search_boxes(g, features, uncertified, per_block, spacing, count),
+                      lambda g: (g, jnp.bool_(False)), g)
+
+
+def _search_boxes(g, features, uncertified, per_block, spacing, count):
+  """`_resolve_outliers` once the blocks are known to be few."""
   coords = _few_true_coords(uncertified, per_block)
   d2, ok = _boxes(features, coords, count, spacing, _OUTLIER_REACH, _OUTLIER_CHUNK)
   failed = jnp.sum(~ok)
@@ -246,11 +255,10 @@ def _squared_edt(features, query, spacing):
       g = jax.lax.cond(certified(g, previous), lambda g: g, lambda g: at_window(window), g)
     return g
   uncertified = query & (g > _certified_reach(spatial, levels[0], spacing))
-  per_block = count_true(_compact_blocks(uncertified))
-  count = jnp.sum(per_block)
+  count = count_true(uncertified.reshape(1, -1))[0]
   g, done = jax.lax.cond(
-      (count > 0) & (count <= _MAX_OUTLIERS) & (jnp.sum(per_block > 0) <= _OUTLIER_BLOCKS),
-      lambda g: _resolve_outliers(g, features, uncertified, per_block, spacing, count),
+      (count > 0) & (count <= _MAX_OUTLIERS),
+      lambda g: _resolve_outliers(g, features, uncertified, spacing, count),
       lambda g: (g, count == 0), g)
   for window in levels[1:]:
     g, done = jax.lax.cond(done, lambda g: (g, jnp.bool_(True)),
