@@ -6,7 +6,7 @@ fewest that fill every table: the DAE, DAE w/o CMCL and SimMIM train steps, one 
 step (the tissue task; scratch and every pre-trained row share it), no single-disruption rows
 of Table 5 (``--disruptions`` with nothing: each is a DAE config that tests/methods/test_dae.py
 covers), one label fraction (the ablation's, so Tables 3, 5 and 6 share their runs), one seed,
-depth-1 stages.
+depth-1 stages of one head, one validation per fine-tuning run.
 """
 
 import json
@@ -20,7 +20,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "dae
 TINY = ["--shape", "32", "32", "32", "--pretrain-subjects", "2", "--subjects", "6",
         "--num-test", "2", "--num-val", "1", "--pretrain-steps", "2", "--finetune-steps", "2",
         "--finetune-batch", "4", "--disruptions", "--targets", "tissues", "--fractions", "1.0",
-        "--cka-tokens", "512", "--set", "model.depths=[1,1,1,1]", "--set", "batch_size=4"]
+        "--cka-tokens", "512", "--eval-every", "2", "--set", "model.depths=[1,1,1,1]",
+        "--set", "model.num_heads=[1,1,1,1]", "--set", "batch_size=4"]
 TISSUES = ["scalp", "skull", "csf", "gm", "wm", "ventricles", "lesion"]
 
 
