@@ -121,3 +121,44 @@ def test_crops_cover_the_volume_and_the_tumour(experiment):
   grid = experiment["grid_crops"]([subject], 32)
   assert grid.shape == (4, 32, 32, 32, 4)  # 1 x 2 x 2 half-overlapping windows
   np.testing.assert_array_equal(grid[-1], subject.image[:, 16:, 16:])
+
+
+def test_sweep_runs_every_point_of_get_sweep_alone_and_fills_tables_8_to_10(experiment):
+  """``--sweep``'s plumbing (the training itself is the Table 5 path the end-to-end test runs):
+  every `get_sweep` point pre-trained with its disruption alone at the sweep's step count,
+  fine-tuned on the ablation task, tabulated against scratch per field."""
+  from jaxmed.configs.dae import get_sweep  # pylint: disable=g-import-not-at-top
+  args = experiment["parse_args"](["--sweep", "--pretrain-steps", "10", "--seeds", "0", "1"])
+  calls = []
+
+  def table(value):
+    return {"subjects": ["a", "b"], "dice": np.full((2, 7), value), "hd95": np.ones((2, 7)),
+            "msd": np.ones((2, 7))}
+
+  class FakeStudy:
+    def __init__(self):
+      self.args = args
+
+    def pretrain(self, key, seed, extra=None, steps=None, tag=None):
+      calls.append((key, seed, extra, steps, tag))
+      return {"tag": tag}
+
+    def finetune(self, task, key, fraction, seed, run=None):
+      assert task == "tissues" and fraction == 1.0 and run == {"tag": key}
+      return {"scores": table(0.5)}
+
+  sweep = experiment["run_sweep"](FakeStudy())
+  points = get_sweep("")
+  assert len(calls) == 2 * len(points)
+  for (key, seed, extra, steps, tag), point in zip(calls, points + points):
+    field = next(f for f in point if f != "pretext.disruption")
+    assert key == point["pretext.disruption"] and extra == {field: point[field]}
+    assert steps == 5 and tag == f"sweep_{key}_{point[field]:g}"  # half of --pretrain-steps
+  assert set(sweep) == set(experiment["SWEEP_TABLES"])
+  for field, values in sweep.items():
+    expected = [f"{p[field]:g}" for p in points if field in p]
+    assert list(values) == expected and all(len(v) == 2 for v in values.values())  # 2 seeds
+  rows = {"Scratch": [table(0.4)] * 2, **{f"noise = {v}": t for v, t in
+                                          sweep["pretext.noise_variance"].items()}}
+  text = experiment["summary_table"](rows)
+  assert "| noise = 0.1 | 0.500 (0.000) | +0.100 |" in text
