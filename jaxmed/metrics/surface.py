@@ -187,10 +187,9 @@ def _boxes(features, coords, count, spacing, reach: int, chunk: int):
 def _resolve_outliers(g, features, uncertified, spacing, count):
   """``(g, exact)``: ``g`` with the ``count`` (<= _MAX_OUTLIERS) ``uncertified`` voxels, if they
   lie in at most _OUTLIER_BLOCKS of its `_compact_blocks`, replaced by exact box searches around
-  each
-  (`_box_distances`, half-width _OUTLIER_REACH; the few that reach finds nothing certain for,
-  at most _FAR_OUTLIERS, again with half-width _FAR_OUTLIER_REACH), and whether every one of
-  them is exact. A handful of far voxels (an isolated false positive) then costs a few boxes
+  each (`_box_distances`, half-width _OUTLIER_REACH; the few that reach finds nothing certain
+  for, at most _FAR_OUTLIERS, again with half-width _FAR_OUTLIER_REACH), and whether every one
+  of them is exact. A handful of far voxels (an isolated false positive) then costs a few boxes
   instead of another dense level over the whole volume."""
   per_block = count_true(_compact_blocks(uncertified))
   return jax.lax.cond(jnp.sum(per_block > 0) <= _OUTLIER_BLOCKS,
