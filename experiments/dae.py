@@ -59,14 +59,15 @@ paired t-tests over (seed, test subject) pairs against scratch.
    the masking ratio from the dae config's ``get_sweep``, each disruption alone, pre-trained
    for ``--sweep-steps`` (default half of ``--pretrain-steps``) and fine-tuned as Table 5.
 
-The default size (ONE seed; 70 pre-training steps of 8 crops, 60 fine-tuning steps of 2; 30
+The default size (ONE seed; 64 pre-training steps of 8 crops, 60 fine-tuning steps of 2; 30
 phantoms of 32 x 48 x 48 split 18 test / 2 validation / 10 training; 6 pre-trainings, 22
-fine-tunings) takes about 27 minutes on 2 quiet CPU cores: about 11 of them compiling and
-tracing the ~15 distinct Swin-UNETR programs and evaluating (a run with 2 steps each took 701 s),
-then ~1.3 s per pre-training and ~0.3 s per fine-tuning step. Its effects are small and noisy
-(the paper's are too); scale up with ``--seeds``, the step counts and ``--set``. Fine-tuning
-runs keep their tested weights in memory only (their final checkpoints are deleted); the
-pre-training runs keep theirs (``--config.init.path`` of a ``seg3d`` run can load them).
+fine-tunings) is sized for 30 minutes on 2 quiet CPU cores: with 70 pre-training steps it took
+30 min 39 s (measured; pre-trainings 113-156 s each, fine-tunings 36-41 s, the first of each
+task ~95 s with compilation), and 64 steps and the reused test predictor take about a minute
+and a half off that. Its effects are small and noisy (the paper's are too); scale up with
+``--seeds``, the step counts and ``--set``. Fine-tuning runs keep their tested weights in
+memory only (their final checkpoints are deleted); the pre-training runs keep theirs
+(``--config.init.path`` of a ``seg3d`` run can load them).
 Writes ``<out>/report.md``, ``fig2_reconstructions.png``, ``table7_cka.png`` and
 ``results.json``; the runs under ``<out>/runs``.
 """
@@ -92,7 +93,7 @@ from jaxmed import metrics
 from jaxmed.config import apply_overrides, load_config, parse_overrides, with_total_steps
 from jaxmed.configs.dae import get_sweep
 from jaxmed.data import datasets, views
-from jaxmed.evaluate import crossval
+from jaxmed.evaluate import crossval, evaluators
 from jaxmed.evaluate import finetune as finetune_lib
 from jaxmed.evaluate.compare import (SURFACE_METRICS, format_mean_std, format_p,
                                      paired_differences, paired_p_values, pool_subjects)
@@ -164,7 +165,7 @@ def parse_args(argv=None):
   p.add_argument("--num-test", type=int, default=18)
   p.add_argument("--num-val", type=int, default=2)
   p.add_argument("--seeds", type=int, nargs="+", default=(0,))
-  p.add_argument("--pretrain-steps", type=int, default=70)
+  p.add_argument("--pretrain-steps", type=int, default=64)
   p.add_argument("--finetune-steps", type=int, default=60)
   p.add_argument("--finetune-batch", type=int, default=2)
   p.add_argument("--eval-every", type=int, default=0,
@@ -543,6 +544,10 @@ class Study:
     self.keys = [*args.disruptions, "all", "all_nocmcl", "mae"] + (
         ["swin_ssl"] if args.swin_ssl else [])
     self.by_config, self.pretrained, self.finetuned = {}, {}, {}
+    # Per task, the compiled test predictor (sliding windows) of its first fine-tuned network:
+    # every row of a task fine-tunes the same network, so later rows reuse it instead of
+    # tracing and loading it again.
+    self.predictors = {}
     split = self.splits[ABLATION_TASK]
     self.log(f"pre-training: {len(self.pretrain_subjects)} subjects {tuple(args.shape)} x "
              f"{len(self.base.data.modalities)} modalities, {self.crop}^3 crops, "
@@ -589,7 +594,10 @@ class Study:
       result = finetune_lib.finetune(
           config, workdir, pretrained=None if run is None else encoder_source(run),
           splits={**splits, "test": []}, progress=False)
-      scores = crossval.surface_scores(result.method, result.tested_variables, splits["test"])
+      predict = self.predictors.setdefault(
+          task, evaluators.segmentation_predictor(result.method)[1])
+      scores = crossval.surface_scores(result.method, result.tested_variables, splits["test"],
+                                       predict=predict)
       self.finetuned[memo] = {"scores": scores, "variables": result.tested_variables,
                               "config": config, "regions": tuple(result.method.regions)}
       # The tested (best validation) weights stay in memory; the final checkpoint is not what
