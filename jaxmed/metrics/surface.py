@@ -151,19 +151,18 @@ def _compact_blocks(mask):
   return jnp.pad(flat, (0, -flat.size % _COMPACT_BLOCK)).reshape(-1, _COMPACT_BLOCK)
 
 
-def _few_true_coords(mask, per_block):
-  """``(_MAX_OUTLIERS, mask.ndim)`` int32: the coordinates of the True entries of ``mask``
-  (at most _MAX_OUTLIERS, in at most _OUTLIER_BLOCKS of its `_compact_blocks`, whose counts are
-  ``per_block``), row major, the rest zeros. Two levels: the blocks holding any, then the
+def _few_true_coords(blocks, per_block, shape):
+  """``(_MAX_OUTLIERS, len(shape))`` int32: the coordinates of the True entries of a mask of
+  ``shape`` given as its `_compact_blocks` ``blocks`` with counts ``per_block`` (at most
+  _MAX_OUTLIERS, in at most _OUTLIER_BLOCKS blocks), row major, the rest zeros. Two levels: the blocks holding any, then the
   entries of those blocks, so the prefix sums run over a few hundred thousand entries, not over
   the whole volume (``jnp.argwhere`` over 2 x 240 x 240 x 155 took 0.35 s)."""
-  blocks = _compact_blocks(mask)
   block_ids = jnp.nonzero(per_block > 0, size=_OUTLIER_BLOCKS, fill_value=0)[0]
   used = jnp.arange(_OUTLIER_BLOCKS) < jnp.sum(per_block > 0)
   picked = blocks[block_ids] & used[:, None]                    # a repeated block 0 counts once
   inner = jnp.nonzero(picked.reshape(-1), size=_MAX_OUTLIERS, fill_value=0)[0]
   index = block_ids[inner // _COMPACT_BLOCK] * _COMPACT_BLOCK + inner % _COMPACT_BLOCK
-  return jnp.stack(jnp.unravel_index(index, mask.shape), axis=-1).astype(jnp.int32)
+  return jnp.stack(jnp.unravel_index(index, shape), axis=-1).astype(jnp.int32)
 
 
 def _boxes(features, coords, count, spacing, reach: int, chunk: int):
@@ -191,15 +190,17 @@ def _resolve_outliers(g, features, uncertified, spacing, count):
   for, at most _FAR_OUTLIERS, again with half-width _FAR_OUTLIER_REACH), and whether every one
   of them is exact. A handful of far voxels (an isolated false positive) then costs a few boxes
   instead of another dense level over the whole volume."""
-  per_block = count_true(_compact_blocks(uncertified))
+  blocks = _compact_blocks(uncertified)
+  per_block = count_true(blocks)
   return jax.lax.cond(jnp.sum(per_block > 0) <= _OUTLIER_BLOCKS,
-                      lambda g: _search_boxes(g, features, uncertified, per_block, spacing, count),
+                      lambda g: _search_boxes(g, features, uncertified.shape, blocks, per_block,
+                                              spacing, count),
                       lambda g: (g, jnp.bool_(False)), g)
 
 
-def _search_boxes(g, features, uncertified, per_block, spacing, count):
+def _search_boxes(g, features, shape, blocks, per_block, spacing, count):
   """`_resolve_outliers` once the blocks are known to be few."""
-  coords = _few_true_coords(uncertified, per_block)
+  coords = _few_true_coords(blocks, per_block, shape)
   d2, ok = _boxes(features, coords, count, spacing, _OUTLIER_REACH, _OUTLIER_CHUNK)
   failed = jnp.sum(~ok)
   index = jnp.nonzero(~ok, size=_FAR_OUTLIERS, fill_value=0)[0]
