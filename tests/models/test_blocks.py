@@ -325,4 +325,33 @@ def test_argument_helpers():
     check_group_channels(4, (8, 10, 6, 8))
   with pytest.raises(ValueError, match="num_groups must be an int >= 1"):
     check_group_channels(0, (8,))
-  assert isinstance(make_norm("group", num_groups=2), nn.GroupNorm)
+  assert make_norm("group", num_groups=2).num_groups == 2
+  assert make_norm("instance").num_groups is None
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("shape, kind, groups", [
+    ((2, 5, 7, 12), "instance", None), ((1, 3, 4, 5, 8), "group", 4), ((3, 9, 6), "instance", None),
+    ((2, 6, 6, 20), "group", 10), ((2, 4, 4, 4, 3), "group", 1)])
+def test_group_stats_norm_equals_flax_norms_values_and_gradients(shape, kind, groups, backend,
+                                                                 monkeypatch):
+  # Same variable tree and numbers as Flax's two-pass norms, on both summation paths (CPU's
+  # matrix-vector products and the plain reductions of other backends).
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  x = _random(shape) * 3.0 + 1.0
+  module = make_norm(kind, num_groups=groups or 32)
+  ref = (nn.InstanceNorm(epsilon=1e-5, use_fast_variance=False) if kind == "instance"
+         else nn.GroupNorm(num_groups=groups, epsilon=1e-5, use_fast_variance=False))
+  variables = _norm_variables(module, x)
+  assert (jax.tree.structure(variables)
+          == jax.tree.structure(ref.init(jax.random.key(0), x)))
+  np.testing.assert_allclose(module.apply(variables, x), ref.apply(variables, x), atol=3e-6)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)) * x)
+  got = jax.grad(loss(module), (0, 1))(variables, x)
+  want = jax.grad(loss(ref), (0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+  with pytest.raises(ValueError, match=r"num_groups=4; \(6,\) are not"):
+    make_norm("group", num_groups=4).init(jax.random.key(0), _random((1, 3, 3, 6)))
+  with pytest.raises(ValueError, match=r"GroupStatsNorm input must be \(N, \*spatial, C\)"):
+    make_norm("instance").init(jax.random.key(0), _random((2, 6)))
