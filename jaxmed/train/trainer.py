@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -155,6 +156,7 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
       the logged metrics; True saves a checkpoint and ends training (``stopped_early``).
     progress: show a console progress bar.
   """
+  began = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   method = method or methods_lib.get_method(config)
   init_lib.load_frozen_networks(method)  # e.g. a loss network read from a file
@@ -216,6 +218,10 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
       for step in range(start + 1, total_steps + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
+        if step == start + 1:  # compile time, read by experiments/benchmarks/compile_time.py
+          jax.block_until_ready(metrics)
+          logging.info("first step done %.2f s after train() began (data, init, compile)",
+                       time.perf_counter() - began)
         bar.update(step)
         final = step == total_steps
         do_eval = bool(hooks) and (final or (eval_every and step % eval_every == 0))

@@ -33,7 +33,9 @@ from jaxmed.models.vgg import CFG
 from jaxmed.models.vit import ViT
 
 LPIPS_TOL = 1e-5
-FEATURE_TOL = 1e-5
+# Squared differences of unit-normalised features, two jitted programs (batched x and y vs one
+# image at a time): float32 rounding of the group norms' sums differs between them by up to ~2e-5.
+FEATURE_TOL = 3e-5
 
 
 def _random_variables(model, shape, seed, **init_kwargs):
