@@ -2,8 +2,7 @@
 
     python experiments/benchmarks/compile_time.py [--only restoration,si] [--arg size=small]
 
-Each config runs as ``jaxmed train --config NAME:size=small --config.total_steps=1`` in a fresh
-process, twice in a row:
+Each config runs as ``jaxmed train --config NAME:size=small`` in a fresh process, twice in a row:
 
 * cold: an empty persistent compilation cache (as a first run on a new machine);
 * warm: the cache the cold run filled (a rerun, a resumed run, a sweep point whose programs did
@@ -40,25 +39,25 @@ def time_first_step(config: str, arg: str, cache_dir: str, work: str, env: dict,
   """(process start -> first step, train() -> first step) in seconds."""
   spec = f"{config}:{arg}" if arg else config
   cmd = [sys.executable, "-m", "jaxmed.cli", "train", f"--config={spec}", f"--workdir={work}",
-         "--config.total_steps=1", "--config.log_every=1", "--noprogress", "--verbosity=0"]
+         "--noprogress", "--verbosity=0"]
   env = {**env, "JAX_COMPILATION_CACHE_DIR": cache_dir}
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           env=env)
   tail = []
   try:
-    for line in proc.stderr:
+    for line in proc.stderr:  # until the line, or the end of the process's output
       tail = (tail + [line])[-40:]
       match = _DONE.search(line)
       if match:
         return time.perf_counter() - start, float(match.group(1))
       if time.perf_counter() - start > timeout:
-        break
+        raise RuntimeError(f"{spec}: no first step within {timeout:.0f} s")
   finally:
     proc.kill()
     proc.wait()
-  raise RuntimeError(f"{spec}: no first step within {timeout:.0f} s (exit {proc.returncode}):\n"
-                     + "".join(tail))
+  raise RuntimeError(f"{spec}: the process ended (exit {proc.returncode}) before its first "
+                     "step:\n" + "".join(tail))
 
 
 def main():

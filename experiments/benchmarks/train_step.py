@@ -5,7 +5,7 @@
 Both sides train the same network (nnU-Net-like 2D UNet, conv-instance norm-LeakyReLU, strided
 conv down, kernel-2 transposed conv up; parameter counts are checked equal) with the same loss
 (in-painting: L1 + L2 on grid-masked input; segmentation: soft Dice + BCE) and Adam, on the
-same batch shape. Warm-up (compilation) excluded; median of repeats. Prints steps/s, images/s
+same batch shape. Warm-up (compilation) excluded; median of repeats, the two sides' timed blocks alternating. Prints steps/s, images/s
 and the jaxmed / PyTorch ratio.
 """
 
@@ -23,7 +23,8 @@ from jaxmed.methods import get_method
 from jaxmed.train import sharding, trainer
 
 
-def time_jaxmed(config, batch, steps, repeats):
+def jaxmed_runner(config, batch):
+  """(run(steps) -> None, compile seconds, parameter count) for jaxmed's compiled train step."""
   method = get_method(config)
   mesh = sharding.make_mesh(config.mesh)
   state, step, _ = trainer.setup(config, method, batch, mesh)
@@ -33,14 +34,16 @@ def time_jaxmed(config, batch, steps, repeats):
   state, metrics = step(state, gbatch)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
+  box = [state]
+
+  def run(steps):
+    state = box[0]
     for _ in range(steps):
       state, metrics = step(state, gbatch)
     jax.block_until_ready(metrics)
-    times.append((time.perf_counter() - t) / steps)
-  return statistics.median(times), compile_s, n_params
+    box[0] = state
+
+  return run, compile_s, n_params
 
 
 def torch_unet(in_ch, out_ch, features):
@@ -77,7 +80,8 @@ def torch_unet(in_ch, out_ch, features):
   return UNet()
 
 
-def time_torch(method_name, batch, out_ch, features, steps, repeats):
+def torch_runner(method_name, batch, out_ch, features):
+  """(run(steps) -> None, parameter count) for the same step in PyTorch."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   x = torch.from_numpy(np.moveaxis(batch["image"], -1, 1).copy())
@@ -108,13 +112,12 @@ def time_torch(method_name, batch, out_ch, features, steps, repeats):
 
   for _ in range(2):
     step()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
+
+  def run(steps):
     for _ in range(steps):
       step()
-    times.append((time.perf_counter() - t) / steps)
-  return statistics.median(times), n_params
+
+  return run, n_params
 
 
 def main():
@@ -137,13 +140,23 @@ def main():
   out_ch = 4 if args.method == "inpainting" else 3
   features = tuple(config.model.features)
 
-  sec, compile_s, n_jax = time_jaxmed(config, batch, args.steps, args.repeats)
-  rows = [("jaxmed", sec, n_jax)]
+  runners = {}
+  run, compile_s, n_jax = jaxmed_runner(config, batch)
+  runners["jaxmed"] = (run, n_jax)
   if not args.no_torch:
-    tsec, n_torch = time_torch(args.method, batch, out_ch, features, args.steps, args.repeats)
+    run, n_torch = torch_runner(args.method, batch, out_ch, features)
     if n_torch != n_jax:
       raise RuntimeError(f"parameter counts differ: jaxmed {n_jax} vs torch {n_torch}")
-    rows.append((f"torch {__import__('torch').__version__}", tsec, n_torch))
+    runners[f"torch {__import__('torch').__version__}"] = (run, n_torch)
+  # The two sides' timed blocks alternate, so that a drift in the machine's speed (shared CPUs)
+  # reaches both alike.
+  times = {name: [] for name in runners}
+  for _ in range(args.repeats):
+    for name, (run, _) in runners.items():
+      t = time.perf_counter()
+      run(args.steps)
+      times[name].append((time.perf_counter() - t) / args.steps)
+  rows = [(name, statistics.median(times[name]), n) for name, (_, n) in runners.items()]
   print(f"\n{args.method} train step, UNet features {features}, batch {batch_size} x {h}x{w}x4, "
         f"{jax.device_count()} {jax.default_backend()} device(s) "
         f"(jaxmed compile {compile_s:.1f} s, excluded)")

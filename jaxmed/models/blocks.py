@@ -35,6 +35,7 @@ Argument checks shared by the models live in :mod:`jaxmed.models._utils`.
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from typing import Any, Callable, Mapping, Sequence
@@ -336,15 +337,64 @@ def _identity(x: jax.Array) -> jax.Array:
   return x
 
 
+def _spatial_sums(v: jax.Array, dot: bool) -> jax.Array:
+  """``(N, S, C) -> (N, C)``: sums over ``S``, as a matrix-vector product with ones when ``dot``."""
+  if dot:
+    return jnp.einsum("nsc,s->nc", v, jnp.ones(v.shape[1], v.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+  return v.sum(1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float,
+               dot: bool) -> jax.Array:
+  """``(N, S, C)`` float32 normalised over ``S`` and each of ``groups`` channel groups, then
+  ``* scale + bias`` (``(C,)``); two-pass variance. The gradient is written by hand: two sums
+  over ``S`` and one element-wise pass (see :class:`GroupStatsNorm` for the times)."""
+  return _group_norm_fwd(x, scale, bias, groups, epsilon, dot)[0]
+
+
+def _per_group(v: jax.Array, groups: int) -> jax.Array:
+  """``(N, C)`` per-channel values -> ``(N, 1, C)``: each group's sum, repeated over its channels."""
+  n, c = v.shape
+  return jnp.repeat(v.reshape(n, groups, c // groups).sum(-1), c // groups, axis=1)[:, None]
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, dot):
+  count = x.shape[1] * (x.shape[2] // groups)
+  mean = _per_group(_spatial_sums(x, dot), groups) / count
+  centred = x - mean
+  rstd = jax.lax.rsqrt(_per_group(_spatial_sums(centred * centred, dot), groups) / count
+                       + epsilon)
+  normalised = centred * rstd
+  return normalised * scale + bias, (normalised, rstd, scale)
+
+
+def _group_norm_bwd(groups, epsilon, dot, residuals, g):
+  del epsilon
+  normalised, rstd, scale = residuals
+  count = normalised.shape[1] * (normalised.shape[2] // groups)
+  sum_g = _spatial_sums(g, dot)  # (N, C)
+  sum_gn = _spatial_sums(g * normalised, dot)
+  mean_g = _per_group(sum_g * scale, groups) / count
+  mean_gn = _per_group(sum_gn * scale, groups) / count
+  dx = rstd * (g * scale - mean_g - normalised * mean_gn)
+  return dx, sum_gn.sum(0), sum_g.sum(0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupStatsNorm(nn.Module):
   """Group norm over the spatial axes and each group's channels; ``num_groups=None``: instance norm.
 
   The same numbers and variables as ``nn.GroupNorm`` / ``nn.InstanceNorm`` with
   ``use_fast_variance=False`` (``scale`` and ``bias`` of shape ``(C,)``; PyTorch's two-pass
-  variance), up to float32 summation order. On CPU the sums are matrix-vector products with a
-  vector of ones: XLA:CPU splits a plain reduction over a large spatial extent into
-  reduce-window passes, which made the norms of the demo UNet's step (forward + backward) 1.9x
-  slower (15.1 -> 8.1 ms). Other backends reduce directly.
+  variance), up to float32 summation order, through :func:`group_norm`. On CPU the sums are
+  matrix-vector products with a vector of ones: XLA:CPU splits a plain reduction over a large
+  spatial extent into reduce-window passes. Instance norm + LeakyReLU of the demo UNet's step,
+  forward + backward on this project's 2-core CPU: Flax's norm 15.2 ms, these sums with XLA's
+  derivative 11.7 ms, with the hand-written one 8.7 ms. Other backends reduce directly.
 
   Input ``(N, *S, C)``; output float32 of the same shape.
   """
@@ -364,23 +414,14 @@ class GroupStatsNorm(nn.Module):
     n, c = x.shape[0], x.shape[-1]
     groups = c if self.num_groups is None else self.num_groups
     check_group_channels(groups, (c,))
-    xg = x.astype(jnp.float32).reshape(n, -1, groups, c // groups)  # (N, S, G, C/G)
-    count = xg.shape[1] * xg.shape[3]
-    if jax.default_backend() == "cpu":
-      ones = jnp.ones((xg.shape[1],), jnp.float32)
-      total = lambda v: jnp.einsum("nsgk,s->ngk", v, ones,
-                                   precision=jax.lax.Precision.HIGHEST).sum(-1)
-    else:
-      total = lambda v: v.sum((1, 3))
-    mean = (total(xg) / count)[:, None, :, None]
-    centred = xg - mean
-    var = (total(centred * centred) / count)[:, None, :, None]
-    y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-    if self.use_scale:
-      y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (c,), self.param_dtype).astype(jnp.float32)
-    return y
+    scale = (self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale
+             else jnp.ones((c,)))
+    bias = (self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias
+            else jnp.zeros((c,)))
+    y = group_norm(x.astype(jnp.float32).reshape(n, -1, c), scale.astype(jnp.float32),
+                   bias.astype(jnp.float32), groups, float(self.epsilon),
+                   jax.default_backend() == "cpu")
+    return y.reshape(x.shape)
 
 
 def make_norm(kind: str, *, train: bool = False, num_groups: int = 32, epsilon: float = _EPS,

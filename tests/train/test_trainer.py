@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,8 +81,13 @@ def test_gradient_accumulation_matches_full_batch(tiny_config, tiny_arrays, monk
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p2, p1)
 
 
-def test_train_writes_metrics_and_checkpoints(tiny_config, tiny_arrays, tmp_path):
-  result = trainer.train(tiny_config, str(tmp_path), train_data=tiny_arrays, progress=False)
+def test_train_writes_metrics_and_checkpoints(tiny_config, tiny_arrays, tmp_path, caplog):
+  with caplog.at_level("INFO", logger="absl"):
+    result = trainer.train(tiny_config, str(tmp_path), train_data=tiny_arrays, progress=False)
+  # Read by experiments/benchmarks/compile_time.py: logged once, after the first step.
+  done = [r.getMessage() for r in caplog.records if "first step done" in r.getMessage()]
+  assert len(done) == 1 and re.fullmatch(
+      r"first step done [\d.]+ s after train\(\) began \(data, init, compile\)", done[0]), done
   records = read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [5, 10, 12]
   assert all(np.isfinite(r["loss"]) and "lr" in r for r in records)
