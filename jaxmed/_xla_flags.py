@@ -1,16 +1,18 @@
 """XLA:CPU flags jaxmed sets when it is imported.
 
-``--xla_cpu_experimental_ynn_fusion_type=individual_dot`` (YNNPACK for matrix products only):
-jaxlib 0.10 also hands convolutions, reductions and element-wise fusions on CPU to YNNPACK by
-default. On this project's 2-core CPU those made every convolutional step slower than XLA's
-own emitters. Gradients, jaxlib defaults -> this flag (medians of 3, two alternating runs each;
-``experiments/benchmarks/``): the demo UNet 95-101 -> 55-57 ms, Swin-UNETR (feature 24, 64^3)
-5.8-6.7 -> 3.7-4.4 s, the 3D MAE 1.32-1.40 -> 1.20-1.23 s, ResNet-50 0.39-0.47 -> 0.36-0.37 s. No YNNPACK
-fusion at all was slower for the MAE (1.37-1.47 s).
+``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` (jaxlib's YNNPACK fusions
+less its convolutions): jaxlib 0.10 hands convolutions to YNNPACK by default, which was slower
+than XLA's own convolutions for every convolutional network here. Measured on this project's
+2-core CPU (``experiments/benchmarks/``), jaxlib defaults -> this flag: the demo UNet's gradient
+95-101 -> 50 ms (with ``blocks.GroupStatsNorm``); a small Swin-UNETR gradient (feature 12, 8 x 32^3) 1.55 -> 1.15 s with the same
+compile time (13 s). Keeping YNNPACK for matrix products only (``individual_dot``) was as fast
+on the UNet and faster on Swin-UNETR at 64^3 (4.7-5.1 s against 5.5-6.3 s), but XLA then
+compiles every reduction and element-wise fusion with LLVM: 5-6x the compile time (70-82 s for
+the small Swin-UNETR), which the short CPU runs of this project cannot afford.
 
 XLA reads ``XLA_FLAGS`` once, when the first JAX backend starts, so import jaxmed before any JAX
 computation runs. A flag already in ``XLA_FLAGS`` is left as the user set it (e.g.
-``--xla_cpu_experimental_ynn_fusion_type=`` turns YNNPACK off);
+``--xla_cpu_experimental_ynn_fusion_type=individual_dot``);
 ``JAXMED_XLA_DEFAULTS=off`` sets nothing. Only ``xla_cpu_*`` flags: GPU and TPU are unaffected.
 Set only with jaxlib >= 0.10 (the release measured; an older XLA aborts on a flag it does not
 know).
@@ -23,7 +25,7 @@ import os
 import re
 from collections.abc import MutableMapping
 
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 MIN_JAXLIB = (0, 10)
 
 
