@@ -24,14 +24,9 @@ import sys
 import tempfile
 import time
 
-from jaxmed import configs
+from jaxmed.config import shipped_configs
 
 _DONE = re.compile(r"first step done ([\d.]+) s after train\(\) began")
-
-
-def shipped_configs() -> list[str]:
-  folder = os.path.dirname(configs.__file__)
-  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
 def time_first_step(config: str, arg: str, cache_dir: str, work: str, env: dict,

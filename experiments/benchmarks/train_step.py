@@ -5,8 +5,8 @@
 Both sides train the same network (nnU-Net-like 2D UNet, conv-instance norm-LeakyReLU, strided
 conv down, kernel-2 transposed conv up; parameter counts are checked equal) with the same loss
 (in-painting: L1 + L2 on grid-masked input; segmentation: soft Dice + BCE) and Adam, on the
-same batch shape. Warm-up (compilation) excluded; median of repeats, the two sides' timed blocks alternating. Prints steps/s, images/s
-and the jaxmed / PyTorch ratio.
+same batch shape. Warm-up (compilation) excluded; median of repeats, the two sides' timed blocks
+alternating. Prints steps/s, images/s and the jaxmed / PyTorch ratio.
 """
 
 from __future__ import annotations
@@ -34,14 +34,12 @@ def jaxmed_runner(config, batch):
   state, metrics = step(state, gbatch)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t
-  box = [state]
 
   def run(steps):
-    state = box[0]
+    nonlocal state
     for _ in range(steps):
       state, metrics = step(state, gbatch)
     jax.block_until_ready(metrics)
-    box[0] = state
 
   return run, compile_s, n_params
 

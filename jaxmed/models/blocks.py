@@ -453,10 +453,8 @@ def make_norm(kind: str, *, train: bool = False, num_groups: int = 32, epsilon: 
                 use_fast_variance=False, use_scale=affine, use_bias=affine, name=name)
   if scale_init is not None:
     common["scale_init"] = scale_init
-  if kind in ("instance", "group"):
-    stats = {k: common[k] for k in ("epsilon", "use_scale", "use_bias", "param_dtype", "name")}
-    if scale_init is not None:
-      stats["scale_init"] = scale_init
+  if kind in ("instance", "group"):  # float32 by construction, two-pass variance always
+    stats = {k: v for k, v in common.items() if k not in ("dtype", "use_fast_variance")}
     return GroupStatsNorm(num_groups=num_groups if kind == "group" else None, **stats)
   if kind == "batch":
     return nn.BatchNorm(use_running_average=not train, momentum=momentum, **common)
