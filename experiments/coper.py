@@ -61,7 +61,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.config import load_config, with_total_steps
+from jaxmed.config import (apply_overrides, has_field, load_config, parse_overrides,
+                           with_total_steps)
 from jaxmed.configs import coper_synthesis as synthesis_configs
 from jaxmed.data import datasets
 from jaxmed.data.subject import label_regions, region_names
@@ -104,7 +105,16 @@ def parse_args(argv=None):
                  help="their Adam lr (LPIPS's 1e-4 suits its small random init; from w = 1 "
                       "it hardly moves them in a few hundred steps)")
   p.add_argument("--data-seed", type=int, default=0)
-  return p.parse_args(argv)
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="an override for every config (SSL, synthesis, segmenter) with that "
+                      "field, e.g. batch_size=4")
+  args = p.parse_args(argv)
+  kinds = [ssl_config(args, "swav", "vgg", "t2", 0),
+           synthesis_config(args, "random", "vgg", 0), segmenter_config(args, ("t1",), "tumour")]
+  for field in parse_overrides(args.set):
+    if not any(has_field(c, field) for c in kinds):
+      raise ValueError(f"--set {field}: no SSL, synthesis or segmenter config has this field")
+  return args
 
 
 # --- Configs ---------------------------------------------------------------------------------
@@ -117,6 +127,12 @@ def _data_overrides(args) -> dict:
   return out
 
 
+def _with_set(config, args):
+  """``config`` with the ``--set`` overrides of the fields it has."""
+  user = parse_overrides(getattr(args, "set", []))
+  return apply_overrides(config, {f: v for f, v in user.items() if has_field(config, f)})
+
+
 def _run_overrides(seed: int) -> dict:
   return {"seed": seed, "tensorboard": False, "checkpoint.every": 0,
           "checkpoint.async_save": False}
@@ -126,7 +142,7 @@ def ssl_config(args, method: str, arch: str, modality: str, seed: int):
   """The shipped SwAV / SimSiam config at ``size=small`` on ``modality``."""
   config = load_config(f"{method}:backbone={ARCHS[arch][0]},modality={modality},size=small",
                        {**_data_overrides(args), **_run_overrides(seed)})
-  return with_total_steps(config, args.ssl_steps)
+  return with_total_steps(_with_set(config, args), args.ssl_steps)
 
 
 def synthesis_config(args, loss_net: str, arch: str, seed: int, lambda1: float | None = None):
@@ -141,7 +157,7 @@ def synthesis_config(args, loss_net: str, arch: str, seed: int, lambda1: float |
   overrides = {**_data_overrides(args), **_run_overrides(seed),
                "data.min_foreground": args.min_foreground}
   config = load_config("coper_synthesis:" + ",".join(spec), overrides)
-  return with_total_steps(config, args.steps)
+  return with_total_steps(_with_set(config, args), args.steps)
 
 
 def segmenter_config(args, modalities, pathology):
@@ -149,7 +165,7 @@ def segmenter_config(args, modalities, pathology):
   config = load_config("finetune:size=small", {
       **_data_overrides(args), **_run_overrides(0),
       "data.modalities": tuple(modalities), "data.pathology": pathology})
-  return with_total_steps(config, args.seg_steps)
+  return with_total_steps(_with_set(config, args), args.seg_steps)
 
 
 def sweep_values(args) -> list[float]:

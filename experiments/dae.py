@@ -90,7 +90,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.config import apply_overrides, load_config, parse_overrides, with_total_steps
+from jaxmed.config import (apply_overrides, has_field, load_config, parse_overrides,
+                           with_total_steps)
 from jaxmed.configs.dae import get_sweep
 from jaxmed.data import datasets, views
 from jaxmed.evaluate import crossval, evaluators
@@ -218,16 +219,6 @@ def parse_args(argv=None):
 
 # --- Configs and data ------------------------------------------------------------------------
 
-def _has(config, field: str) -> bool:
-  """Whether ``config`` has the dotted ``field``."""
-  node = config
-  for part in field.split("."):
-    if not hasattr(node, "keys") or part not in node:
-      return False
-    node = node[part]
-  return True
-
-
 def run_overrides(seed: int) -> dict:
   """What every run of this script sets: its seed, no TensorBoard, no periodic checkpoints."""
   return {"seed": seed, "tensorboard": False, "checkpoint.every": 0,
@@ -254,7 +245,7 @@ def pretrain_config(args, key: str, seed: int, extra: dict | None = None,
       if field != "name" and name in config.model:
         config.model[name] = value
     user = {f: v for f, v in user.items() if not f.startswith("model.")}
-  config = apply_overrides(config, {f: v for f, v in user.items() if _has(config, f)})
+  config = apply_overrides(config, {f: v for f, v in user.items() if has_field(config, f)})
   return with_total_steps(config, steps or args.pretrain_steps, log_points=20)
 
 
@@ -263,11 +254,11 @@ def check_overrides(args):
   ``--finetune-set`` field in the fine-tuning config."""
   configs = [load_config(PRETRAIN[k][0]) for k in ("all", "mae")]
   for field in parse_overrides(args.set):
-    if not any(_has(c, field) for c in configs):
+    if not any(has_field(c, field) for c in configs):
       raise ValueError(f"--set {field}: no pre-training config has this field")
   seg = load_config("seg3d:model=swin_unetr,size=small")
   for field in parse_overrides(args.finetune_set):
-    if not _has(seg, field):
+    if not has_field(seg, field):
       raise ValueError(f"--finetune-set {field}: the fine-tuning config has no such field")
 
 

@@ -173,6 +173,16 @@ def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
   return config
 
 
+def has_field(config, field: str) -> bool:
+  """Whether ``config`` has the dotted ``field`` (e.g. ``"model.depth"``)."""
+  node = config
+  for part in field.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
 def parse_overrides(items) -> dict:
   """``{field: value}`` of ``FIELD=VALUE`` strings (an experiment script's ``--set`` flags), each
   value parsed as JSON where it can be (``model.depths=[1,1,1,1]``, ``optim.lr=1e-3``) and kept

@@ -472,8 +472,7 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
     yield xb, yb, m
 
 
-def _distances(distance_fn, x: np.ndarray, y: np.ndarray, batch_size: int,
-               where: str) -> np.ndarray:
+def _distances(distance_fn, x: np.ndarray, y: np.ndarray, batch_size: int) -> np.ndarray:
   """``distance_fn`` over ``(x, y)`` in batches of exactly ``batch_size`` (the last one padded
   by repeating its final pair), so a jitted distance compiles once; ``(N,)`` float64."""
   out = []
@@ -481,15 +480,40 @@ def _distances(distance_fn, x: np.ndarray, y: np.ndarray, batch_size: int,
     d = np.asarray(distance_fn(xb, yb))
     if d.ndim < 1 or d.shape[0] != batch_size or d.size != batch_size:
       raise ValueError(f"two_afc_evaluate: distance_fn must return (N,) distances for N = "
-                       f"{batch_size} image pairs ({where}); got shape {d.shape}")
+                       f"{batch_size} image pairs; got shape {d.shape}")
     if not (np.issubdtype(d.dtype, np.integer) or np.issubdtype(d.dtype, np.floating)):
-      raise ValueError(f"two_afc_evaluate: distance_fn must return real numbers ({where}); got "
-                       f"dtype {d.dtype}")
-    d = d.reshape(batch_size)[:m].astype(np.float64)
-    if not np.all(np.isfinite(d)):
-      raise ValueError(f"two_afc_evaluate: distance_fn returned NaN or Inf ({where})")
-    out.append(d)
+      raise ValueError(f"two_afc_evaluate: distance_fn must return real numbers; got dtype "
+                       f"{d.dtype}")
+    out.append(d.reshape(batch_size)[:m].astype(np.float64))
   return np.concatenate(out)
+
+
+def _pair_distances(distance_fn, triplets: dict, batch_size: int) -> dict:
+  """``{category: (d0, d1)}``: every category's ``(ref, p0)`` and ``(ref, p1)`` pairs scored in
+  one stream of batches per image shape, so small categories share batches instead of each
+  padding its own (a set of 4-triplet categories at batch 64 would otherwise be 94% padding).
+  The batch is ``min(batch_size, pairs of the largest stream)``, so it still compiles once."""
+  groups: dict = {}
+  for category, t in triplets.items():
+    groups.setdefault(t.ref.shape[1:], []).append(category)  # p0, p1: ref's shape
+  batch_size = min(batch_size, max(2 * sum(len(triplets[c]) for c in cats)
+                                   for cats in groups.values()))
+  out = {}
+  for cats in groups.values():
+    x = np.concatenate([np.asarray(a) for c in cats for a in (triplets[c].ref, triplets[c].ref)])
+    y = np.concatenate([np.asarray(a) for c in cats for a in (triplets[c].p0, triplets[c].p1)])
+    d = _distances(distance_fn, x, y, batch_size)
+    start = 0
+    for c in cats:
+      n = len(triplets[c])
+      d0, d1 = d[start:start + n], d[start + n:start + 2 * n]
+      start += 2 * n
+      for name, values in (("ref vs p0", d0), ("ref vs p1", d1)):
+        if not np.all(np.isfinite(values)):
+          raise ValueError(f"two_afc_evaluate: distance_fn returned NaN or Inf "
+                           f"(triplets_by_category[{c!r}], {name})")
+      out[c] = (d0, d1)
+  return out
 
 
 def two_afc_evaluate(distance_fn: Callable[[Any, Any], Any],
@@ -503,8 +527,10 @@ def two_afc_evaluate(distance_fn: Callable[[Any, Any], Any],
 
   Args:
     distance_fn: ``(x, y) -> (N,)`` distances of ``(N, H, W, C)`` image batches (a shape of ``N``
-      elements, such as LPIPS's ``(N, 1, 1, 1)``, is flattened). It is always called with exactly
-      ``batch_size`` pairs (the last batch padded), so a jitted function compiles once.
+      elements, such as LPIPS's ``(N, 1, 1, 1)``, is flattened). The ``(ref, p0)`` and ``(ref, p1)``
+      pairs of every category (of one image shape) are scored in one stream of batches, each of
+      exactly ``min(batch_size, number of pairs)`` pairs (the last batch padded), so a jitted
+      function compiles once and small categories do not each pay for a padded batch.
     triplets_by_category: ``{category: Triplets}`` in report order, e.g. a `TwoAFCSet`; a value
       may also be a mapping with keys ref, p0, p1, judge or a tuple of them.
     batch_size: pairs per call; bounds the memory of the distance computation.
@@ -527,16 +553,18 @@ def two_afc_evaluate(distance_fn: Callable[[Any, Any], Any],
   if not isinstance(triplets_by_category, collections.abc.Mapping) or not triplets_by_category:
     raise ValueError(f"{fn}: triplets_by_category must be a non-empty mapping category -> "
                      f"Triplets; got {type(triplets_by_category).__name__}")
-  categories, distances = {}, {}
+  parsed = {}
   for category in triplets_by_category:
     where = f"triplets_by_category[{category!r}]"
     triplets = _as_triplets(triplets_by_category[category], f"{fn}: {where}")
     if not len(triplets):
       raise ValueError(f"{fn}: {where} holds no triplets")
-    d0 = _distances(distance_fn, triplets.ref, triplets.p0, batch_size, f"{where}, ref vs p0")
-    d1 = _distances(distance_fn, triplets.ref, triplets.p1, batch_size, f"{where}, ref vs p1")
-    score = float(two_afc_score(d0, d1, triplets.judge))
-    categories[str(category)] = {"score": score, "count": len(triplets)}
+    parsed[category] = triplets
+  categories, distances = {}, {}
+  pairs = _pair_distances(distance_fn, parsed, batch_size)
+  for category, (d0, d1) in ((c, pairs[c]) for c in parsed):
+    score = float(two_afc_score(d0, d1, parsed[category].judge))
+    categories[str(category)] = {"score": score, "count": len(parsed[category])}
     if return_distances:
       distances[str(category)] = (d0, d1)
   result = {

@@ -152,7 +152,8 @@ def test_two_afc_evaluate_hand_computed():
       "b": _triplets([0.6], [0.1], [0.25]),
   }
   result = two_afc.two_afc_evaluate(distance, data, batch_size=2, return_distances=True)
-  assert set(calls) == {2}  # always full batches (the last one padded)
+  # Always full batches (the last one padded); both categories' 8 pairs share one stream.
+  assert calls == [2, 2, 2, 2]
   assert result["categories"]["a"]["count"] == 3 and result["categories"]["b"]["count"] == 1
   np.testing.assert_allclose(result["categories"]["a"]["score"], (0.8 + 0.7 + 0.5) / 3, rtol=1e-6)
   np.testing.assert_allclose(result["categories"]["b"]["score"], 0.25, rtol=1e-6)
@@ -166,6 +167,16 @@ def test_two_afc_evaluate_hand_computed():
                                    {"b": (t.ref, t.p0, t.p1, t.judge),
                                     "c": {"ref": t.ref, "p0": t.p1, "p1": t.p0, "judge": [0.75]}})
   assert again["categories"]["b"]["score"] == again["categories"]["c"]["score"] == 0.25
+  # The batch shrinks to the pairs there are (one call of 8, not 64 padded per category), and
+  # categories of another image size get their own stream; the report keeps the input order.
+  calls.clear()
+  wide = {k: two_afc.Triplets(*(np.tile(a, (1, 2, 1, 1)) for a in (v.ref, v.p0, v.p1)), v.judge)
+          for k, v in data.items()}
+  mixed = two_afc.two_afc_evaluate(distance, {"a": data["a"], "wide b": wide["b"],
+                                              "b": data["b"]})
+  assert calls == [8, 8]
+  assert list(mixed["categories"]) == ["a", "wide b", "b"]
+  assert mixed["categories"]["wide b"]["score"] == mixed["categories"]["b"]["score"] == 0.25
 
 
 def test_two_afc_evaluate_rejects_bad_input():
@@ -177,6 +188,9 @@ def test_two_afc_evaluate_rejects_bad_input():
     two_afc.two_afc_evaluate(lambda x, y: jnp.zeros((3,)), data)
   with pytest.raises(ValueError, match="distance_fn.*NaN"):
     two_afc.two_afc_evaluate(lambda x, y: ok(x, y) * jnp.nan, data)
+  nan_in_b = lambda x, y: jnp.where(jnp.max(y, axis=(1, 2, 3)) > 0.8, jnp.nan, ok(x, y))
+  with pytest.raises(ValueError, match="NaN.*'b'.*ref vs p1"):
+    two_afc.two_afc_evaluate(nan_in_b, {**data, "b": _triplets([0.1], [0.9], [0.5])})
   with pytest.raises(ValueError, match="batch_size"):
     two_afc.two_afc_evaluate(ok, data, batch_size=0)
   with pytest.raises(ValueError, match="triplets_by_category"):

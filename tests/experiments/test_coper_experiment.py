@@ -23,7 +23,8 @@ def test_tables_figures_and_results(coper, tmp_path):
   summary = coper["main"]([
       "--out", str(out), "--num-subjects", "4", "--num-test", "2", "--shape", "16", "64", "64",
       "--seeds", "0", "--steps", "2", "--ssl-steps", "2", "--seg-steps", "2",
-      "--lambda1", "--table4", "--proxy-subjects", "1", "--tap-steps", "2"])
+      "--lambda1", "--table4", "--proxy-subjects", "1", "--tap-steps", "2",
+      "--set", "batch_size=4"])
   report = (out / "report.md").read_text()
   for heading in ("## Table III analogue", "## Fig. 8 analogue", "## Fig. 3b analogue",
                   "## 2AFC on the phantom PROXY set", "PROXY 2AFC"):

@@ -133,6 +133,21 @@ def test_checkpointer_refuses_nonfinite_state(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.isdigit()]
 
 
+@pytest.mark.parametrize("processes", [1, 2])  # host check; on-device reduction (several)
+def test_finiteness_check_sees_every_state_part(processes, monkeypatch):
+  import optax
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  make = lambda model, method: TrainState.create(
+      variables={"params": {"w": jnp.ones(3, jnp.bfloat16), "step": jnp.array(2)},
+                 "batch_stats": model},
+      optimizer=optim.GroupedOptimizer((optim.ParamGroup(
+          "default", ".*", optax.adam(0.1), optax.constant_schedule(0.1)),)),
+      rng=jax.random.PRNGKey(0), method_state=method)
+  assert checkpoint._all_finite(make({"v": jnp.zeros(2)}, {"q": jnp.zeros((2, 2))}))
+  assert not checkpoint._all_finite(make({"v": jnp.array([0.0, jnp.inf])}, {}))
+  assert not checkpoint._all_finite(make({}, {"q": jnp.array([[0.0], [jnp.nan]])}))
+
+
 def _train_cmd(workdir, *flags):
   return [sys.executable, "-m", "jaxmed.cli", "train", "--config", "restoration",
           "--workdir", str(workdir), "--noprogress", *tiny_flags(), "--config.tensorboard=False",
