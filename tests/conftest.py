@@ -1,25 +1,36 @@
 """Test setup: four simulated CPU devices, so sharding is exercised in every run, and XLA:CPU
 code generation at -O0 (compilation dominates the tiny programs' cost)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # LLVM's -O0 for XLA:CPU: the suite's tiny programs spend far longer compiling than running,
 # and -O0 cut the CPU time of the Swin-UNETR and SimSiam method tests by 22-28%.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _session_folder(variable: str, prefix: str) -> bool:
+  """Points ``variable`` at a new temporary folder removed at exit, unless it is set."""
+  if variable in os.environ:
+    return False
+  os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
+  return True
+
+
 # One fresh persistent compilation cache per test session, shared with the subprocesses the
-# tests start: identical train steps (same HLO) compile once instead of once per test.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxmed-test-jit-")
+# tests start: identical train steps (same HLO) compile once instead of once per test. And the
+# file-backed data caches (jaxmed.data.cache) of tests that set no data.cache_dir: never
+# ~/.cache. The process that makes a folder (pytest-xdist's controller, whose workers inherit
+# the variables) deletes it when it exits.
+if _session_folder("JAX_COMPILATION_CACHE_DIR", "jaxmed-test-jit-"):
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-
-# File-backed data caches (jaxmed.data.cache) of tests that set no data.cache_dir: never ~/.cache.
-if "JAXMED_CACHE_DIR" not in os.environ:
-  import tempfile
-  os.environ["JAXMED_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxmed-test-data-cache-")
+_session_folder("JAXMED_CACHE_DIR", "jaxmed-test-data-cache-")
 
 import sys
 
