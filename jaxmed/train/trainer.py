@@ -64,10 +64,13 @@ def enable_compilation_cache(directory: str) -> str:
 
 def init_compiler_options():
   """Initialisation runs once: on CPU, skip LLVM's expensive passes (~4x faster compile of the
-  per-parameter threefry draws, e.g. 13 s -> 3 s for a 4-level UNet)."""
+  per-parameter threefry draws, e.g. 13 s -> 3 s for a 4-level UNet) and use XLA's older
+  element-wise emitters, which compile faster than its fusion emitters (4.6 -> 3.6 s for a tiny
+  Swin-UNETR; the same values)."""
   if jax.default_backend() != "cpu":
     return None
-  return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+          "xla_cpu_use_fusion_emitters": False}
 
 
 def make_train_step(method):
