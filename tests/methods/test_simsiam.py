@@ -85,9 +85,9 @@ def test_loss_is_symmetric_negative_cosine_with_per_view_batch_norm(method, vari
   # Batch-norm running statistics were updated (twice: one per view).
   before = variables["batch_stats"]["projector"]["bn3"]["mean"]
   assert not np.allclose(model_state["batch_stats"]["projector"]["bn3"]["mean"], before)
-  # Two views, deterministic per key.
+  # Two views, deterministic per key (to float32 rounding: another program, other fusions).
   again = jax.jit(method.views)(key, IMAGE)
-  np.testing.assert_array_equal(again, views)
+  np.testing.assert_allclose(again, views, rtol=1e-6, atol=1e-6)
   assert not np.allclose(again[0], again[1])
   assert not np.allclose(jax.jit(method.views)(jax.random.PRNGKey(2), IMAGE), views)
 

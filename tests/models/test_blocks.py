@@ -350,7 +350,9 @@ def test_group_stats_norm_equals_flax_norms_values_and_gradients(shape, kind, gr
   got = jax.grad(loss(module), (0, 1))(variables, x)
   want = jax.grad(loss(ref), (0, 1))(variables, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    # A gradient entry is a sum over many voxels: its float32 error scales with the leaf's
+    # largest entries (~100 here), and depends on how XLA fuses the sums.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * max(1.0, float(np.abs(b).max())))
   with pytest.raises(ValueError, match=r"num_groups=4; \(6,\) are not"):
     make_norm("group", num_groups=4).init(jax.random.key(0), _random((1, 3, 3, 6)))
   with pytest.raises(ValueError, match=r"GroupStatsNorm input must be \(N, \*spatial, C\)"):
