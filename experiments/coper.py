@@ -109,8 +109,8 @@ def parse_args(argv=None):
                  help="an override for every config (SSL, synthesis, segmenter) with that "
                       "field, e.g. batch_size=4")
   args = p.parse_args(argv)
-  kinds = [ssl_config(args, "swav", "vgg", "t2", 0),
-           synthesis_config(args, "random", "vgg", 0), segmenter_config(args, ("t1",), "tumour")]
+  kinds = [ssl_config(args, "swav", "vgg", "t2", 0), synthesis_config(args, "random", "vgg", 0),
+           segmenter_config(args, ("t1",), "tumour")] if args.set else []
   for field in parse_overrides(args.set):
     if not any(has_field(c, field) for c in kinds):
       raise ValueError(f"--set {field}: no SSL, synthesis or segmenter config has this field")

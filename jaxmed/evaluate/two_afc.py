@@ -460,23 +460,33 @@ def read_bapps_2afc_tfds(data_dir: str | os.PathLike, split: str = "val", *,
 # ------------------------------------------------------------------------------ evaluation
 
 
-def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
-  """``(x batch, y batch, m)``: pairs in batches of exactly ``batch_size``, the last one padded
-  by repeating its final pair (``m`` of its rows are real), so a jitted function compiles once."""
-  for start in range(0, len(x), batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-    m = len(xb)
-    if m < batch_size:
-      xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - m, axis=0)])
-      yb = np.concatenate([yb, np.repeat(yb[-1:], batch_size - m, axis=0)])
-    yield xb, yb, m
+def _padded_batches(chunks, batch_size: int):
+  """``(x batch, y batch, m)``: the pairs of the ``(x, y)`` array ``chunks``, in order, in
+  batches of exactly ``batch_size`` that may span chunks; the last one padded by repeating its
+  final pair (``m`` of its rows are real), so a jitted function compiles once. Only one batch
+  is assembled at a time (the chunks are never concatenated)."""
+  xs, ys, filled = [], [], 0
+  for x, y in chunks:
+    start = 0
+    while start < len(x):
+      take = min(batch_size - filled, len(x) - start)
+      xs.append(x[start:start + take])
+      ys.append(y[start:start + take])
+      filled, start = filled + take, start + take
+      if filled == batch_size:
+        yield np.concatenate(xs), np.concatenate(ys), batch_size
+        xs, ys, filled = [], [], 0
+  if filled:
+    xb, yb = np.concatenate(xs), np.concatenate(ys)
+    pad = batch_size - filled
+    yield (np.concatenate([xb, np.repeat(xb[-1:], pad, axis=0)]),
+           np.concatenate([yb, np.repeat(yb[-1:], pad, axis=0)]), filled)
 
 
-def _distances(distance_fn, x: np.ndarray, y: np.ndarray, batch_size: int) -> np.ndarray:
-  """``distance_fn`` over ``(x, y)`` in batches of exactly ``batch_size`` (the last one padded
-  by repeating its final pair), so a jitted distance compiles once; ``(N,)`` float64."""
+def _distances(distance_fn, chunks, batch_size: int) -> np.ndarray:
+  """``distance_fn`` over the pairs of ``chunks`` (`_padded_batches`); ``(N,)`` float64."""
   out = []
-  for xb, yb, m in _padded_batches(x, y, batch_size):
+  for xb, yb, m in _padded_batches(chunks, batch_size):
     d = np.asarray(distance_fn(xb, yb))
     if d.ndim < 1 or d.shape[0] != batch_size or d.size != batch_size:
       raise ValueError(f"two_afc_evaluate: distance_fn must return (N,) distances for N = "
@@ -500,9 +510,8 @@ def _pair_distances(distance_fn, triplets: dict, batch_size: int) -> dict:
                                    for cats in groups.values()))
   out = {}
   for cats in groups.values():
-    x = np.concatenate([np.asarray(a) for c in cats for a in (triplets[c].ref, triplets[c].ref)])
-    y = np.concatenate([np.asarray(a) for c in cats for a in (triplets[c].p0, triplets[c].p1)])
-    d = _distances(distance_fn, x, y, batch_size)
+    chunks = [(triplets[c].ref, p) for c in cats for p in (triplets[c].p0, triplets[c].p1)]
+    d = _distances(distance_fn, chunks, batch_size)
     start = 0
     for c in cats:
       n = len(triplets[c])
@@ -1206,7 +1215,7 @@ def learn_tap_weights(tap_difference_fn: Callable, triplets, *, steps: int, seed
 def _batched_features(features_fn, x: np.ndarray, y: np.ndarray, batch_size: int) -> np.ndarray:
   """``features_fn`` over pairs in batches of exactly ``batch_size`` (last padded), stacked."""
   out = []
-  for xb, yb, m in _padded_batches(x, y, batch_size):
+  for xb, yb, m in _padded_batches([(x, y)], batch_size):
     out.append(np.asarray(features_fn(xb, yb))[:m])
   return np.concatenate(out)
 

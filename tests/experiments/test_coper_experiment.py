@@ -69,6 +69,17 @@ def test_lambda1_values_come_from_the_config_sweep(coper):
     coper["sweep_values"](coper["parse_args"](["--lambda1", "0.25"]))
 
 
+def test_set_overrides_every_config_with_the_field(coper):
+  args = coper["parse_args"](["--set", "batch_size=4", "--set", "swav.temperature=0.2"])
+  configs = [coper["ssl_config"](args, "swav", "vgg", "t2", 0),
+             coper["synthesis_config"](args, "random", "vgg", 0),
+             coper["segmenter_config"](args, ("t1", "t2"), "tumour")]
+  assert [c.batch_size for c in configs] == [4, 4, 4]
+  assert configs[0].swav.temperature == 0.2 and "swav" not in configs[1]
+  with pytest.raises(ValueError, match="--set model.nope: no SSL, synthesis or segmenter"):
+    coper["parse_args"](["--set", "model.nope=1"])
+
+
 def test_with_total_steps_scales_every_milestone():
   config = load_config("swav:backbone=vgg16_bn,size=small")  # 300 steps
   assert (config.optim.warmup_steps, config.swav.queue_start_step,
