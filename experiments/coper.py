@@ -61,7 +61,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.config import (apply_overrides, has_field, load_config, parse_overrides,
+from jaxmed.config import (apply_present_overrides, has_field, load_config, parse_overrides,
                            with_total_steps)
 from jaxmed.configs import coper_synthesis as synthesis_configs
 from jaxmed.data import datasets
@@ -129,8 +129,7 @@ def _data_overrides(args) -> dict:
 
 def _with_set(config, args):
   """``config`` with the ``--set`` overrides of the fields it has."""
-  user = parse_overrides(getattr(args, "set", []))
-  return apply_overrides(config, {f: v for f, v in user.items() if has_field(config, f)})
+  return apply_present_overrides(config, parse_overrides(args.set))
 
 
 def _run_overrides(seed: int) -> dict:

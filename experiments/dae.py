@@ -90,8 +90,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from jaxmed import metrics
-from jaxmed.config import (apply_overrides, has_field, load_config, parse_overrides,
-                           with_total_steps)
+from jaxmed.config import (apply_overrides, apply_present_overrides, has_field, load_config,
+                           parse_overrides, with_total_steps)
 from jaxmed.configs.dae import get_sweep
 from jaxmed.data import datasets, views
 from jaxmed.evaluate import crossval, evaluators
@@ -245,7 +245,7 @@ def pretrain_config(args, key: str, seed: int, extra: dict | None = None,
       if field != "name" and name in config.model:
         config.model[name] = value
     user = {f: v for f, v in user.items() if not f.startswith("model.")}
-  config = apply_overrides(config, {f: v for f, v in user.items() if has_field(config, f)})
+  config = apply_present_overrides(config, user)
   return with_total_steps(config, steps or args.pretrain_steps, log_points=20)
 
 

@@ -5,10 +5,11 @@ less its convolutions): jaxlib 0.10 hands convolutions to YNNPACK by default, wh
 than XLA's own convolutions for every convolutional network here. Measured on this project's
 2-core CPU (``experiments/benchmarks/``), jaxlib defaults -> this flag: the demo UNet's gradient
 95-101 -> 50 ms (with ``blocks.GroupStatsNorm``); a small Swin-UNETR gradient (feature 12,
-8 x 32^3) 1.55 -> 1.15 s with the same compile time (13 s). Keeping YNNPACK for matrix products only (``individual_dot``) was as fast
-on the UNet and faster on Swin-UNETR at 64^3 (4.7-5.1 s against 5.5-6.3 s), but XLA then
-compiles every reduction and element-wise fusion with LLVM: 5-6x the compile time (70-82 s for
-the small Swin-UNETR), which the short CPU runs of this project cannot afford.
+8 x 32^3) 1.55 -> 1.15 s with the same compile time (13 s). Keeping YNNPACK for matrix products
+only (``individual_dot``) was as fast on the UNet and faster on Swin-UNETR at 64^3 (4.7-5.1 s
+against 5.5-6.3 s), but XLA then compiles every reduction and element-wise fusion with LLVM:
+5-6x the compile time (70-82 s for the small Swin-UNETR), which the short CPU runs of this
+project cannot afford.
 
 XLA reads ``XLA_FLAGS`` once, when the first JAX backend starts, so import jaxmed before any JAX
 computation runs. A flag already in ``XLA_FLAGS`` is left as the user set it (e.g.

@@ -183,6 +183,12 @@ def has_field(config, field: str) -> bool:
   return True
 
 
+def apply_present_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+  """`apply_overrides` of those ``overrides`` whose field ``config`` has (the others skipped):
+  an experiment script's ``--set`` across configs of different methods."""
+  return apply_overrides(config, {f: v for f, v in overrides.items() if has_field(config, f)})
+
+
 def parse_overrides(items) -> dict:
   """``{field: value}`` of ``FIELD=VALUE`` strings (an experiment script's ``--set`` flags), each
   value parsed as JSON where it can be (``model.depths=[1,1,1,1]``, ``optim.lr=1e-3``) and kept

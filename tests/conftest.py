@@ -1,17 +1,16 @@
 """Test setup: four simulated CPU devices, so sharding is exercised in every run, and XLA:CPU
-code generation at -O0 (compilation dominates the tiny programs' cost)."""
+flags that cut compile time (`xla_test_flags`: compilation dominates the tiny programs' cost)."""
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
-# The suite's tiny programs spend far longer compiling than running. LLVM's -O0 for XLA:CPU cut
-# the CPU time of the Swin-UNETR and SimSiam method tests by 22-28%; XLA's older element-wise
-# emitters instead of its fusion emitters halved the compile time of a tiny Swin-UNETR train
-# step (10.4 -> 5.8 s; the step ran 1.27 -> 1.58 s).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
-                      "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from xla_test_flags import xla_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -34,13 +33,10 @@ if _session_folder("JAX_COMPILATION_CACHE_DIR", "jaxmed-test-jit-"):
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 _session_folder("JAXMED_CACHE_DIR", "jaxmed-test-data-cache-")
 
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import tiny_config as make_tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from helpers import tiny_config as make_tiny_config  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture

@@ -156,7 +156,8 @@ def _few_true_coords(blocks, per_block, shape):
   ``shape`` given as its `_compact_blocks` ``blocks`` with counts ``per_block`` (at most
   _MAX_OUTLIERS, in at most _OUTLIER_BLOCKS blocks), row major, the rest zeros. Two levels: the
   blocks holding any, then the entries of those blocks, so the prefix sums run over a few
-  hundred thousand entries, not over the whole volume (``jnp.argwhere`` over 2 x 240 x 240 x 155 took 0.35 s)."""
+  hundred thousand entries, not over the whole volume (``jnp.argwhere`` over
+  2 x 240 x 240 x 155 took 0.35 s)."""
   block_ids = jnp.nonzero(per_block > 0, size=_OUTLIER_BLOCKS, fill_value=0)[0]
   used = jnp.arange(_OUTLIER_BLOCKS) < jnp.sum(per_block > 0)
   picked = blocks[block_ids] & used[:, None]                    # a repeated block 0 counts once

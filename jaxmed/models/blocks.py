@@ -355,7 +355,8 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps
 
 
 def _per_group(v: jax.Array, groups: int) -> jax.Array:
-  """``(N, C)`` per-channel values -> ``(N, 1, C)``: each group's sum, repeated over its channels."""
+  """``(N, C)`` per-channel values -> ``(N, 1, C)``: each group's sum, repeated over its
+  channels."""
   n, c = v.shape
   return jnp.repeat(v.reshape(n, groups, c // groups).sum(-1), c // groups, axis=1)[:, None]
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from xla_test_flags import xla_flags
 
 from jaxmed.data import pipeline
 from jaxmed.train import checkpoint
@@ -362,9 +363,7 @@ def test_two_processes_agree_when_one_cannot_read_its_iterator_file(tmp_path):
     port = s.getsockname()[1]
   (tmp_path / "worker.py").write_text(_WORKER)
   directory = tmp_path / "checkpoints"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
-         "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
-         "--xla_cpu_use_fusion_emitters=false"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
   procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(port), str(i),
                              str(directory)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT) for i in range(2)]

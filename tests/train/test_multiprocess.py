@@ -9,6 +9,7 @@ import sys
 import time
 
 from helpers import REPO, nifti_phantoms, tiny_flags
+from xla_test_flags import xla_flags
 
 from jaxmed.train.logging import read_metrics
 
@@ -21,9 +22,7 @@ def _free_port():
 
 def _start_two_processes(workdir, total_steps, data_flags):
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
-                                    "--xla_backend_optimization_level=0 "
-                                    "--xla_cpu_use_fusion_emitters=false"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "jaxmed.cli", "train", "--config", "restoration",
        "--workdir", str(workdir), "--noprogress", "--distributed",
