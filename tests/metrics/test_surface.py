@@ -137,15 +137,18 @@ def test_jit_path_equals_cropped_eager_path():
   np.testing.assert_allclose(eager, ref, rtol=1e-5)
 
 
-def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
-  """The paths of `_squared_edt` after its first window level (4 voxels): a few uncertified
-  voxels searched in boxes around them (a false-positive speck 9 voxels off); a small speck
-  beyond the first box reach (30 mm: searched again in wider boxes); a larger one there (more
-  voxels than the wider search takes: the dense levels run); many far voxels (more than
-  _MAX_OUTLIERS: straight to the dense levels); an empty target next to them. Every metric
-  equals MONAI's, the EDT scipy's."""
+@pytest.mark.parametrize("spacing", [(1.0, 0.8, 1.6), (1.0, 1.0, 2.0)])  # float, lattice
+def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spacing):
+  """The paths after the first window level (4 voxels), on both kernels (float32 for a general
+  spacing, small integers for one on an integer lattice): a few uncertified voxels searched in
+  boxes around them (a false-positive speck 9 voxels off); a small speck beyond the first box
+  reach (30 mm: searched again in wider boxes); a larger one there (more voxels than the wider
+  search takes: the dense levels run); many far voxels (more than _MAX_OUTLIERS: straight to
+  the dense levels); an empty target next to them. Every metric equals MONAI's, the EDT
+  scipy's."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
-  shape, spacing = (80, 72, 64), (1.0, 0.8, 1.6)
+  assert (surface._lattice_ratios(np.float32(spacing)) is None) == (spacing[1] == 0.8)
+  shape = (80, 72, 64)
   grid = np.indices(shape)
   ball = lambda c, r: sum((g - x) ** 2 for g, x in zip(grid, c)) <= r**2
   # A second ball in both masks spreads them over the array: at least _OUTLIER_MIN_VOXELS
@@ -164,9 +167,14 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
   assert max(cropped.shape[1:]) > 2 * surface._OUTLIER_REACH + 1
   # One call per path (the outlier count is the whole batch's): the near speck with the empty
   # target, the far specks, the many far voxels.
+  ratios = surface._lattice_ratios(np.float32(spacing))
   for items in ([0, 3], [1], [4], [2]):
     p, t = pred[items], target[items]
     known = [i for i, k in enumerate(items) if k != 3]
+    if ratios is not None:  # the integer kernel resolves every path itself
+      cropped = surface._prepared("test", p, t, spacing)
+      assert bool(surface._lattice_statistics(*cropped, np.float32(0.95), np.float32(0.0),
+                                              both=True, ratios=ratios)[1])
     for percentile in (None, 95) if items != [2] else (None,):  # [2]: the old dense path
       ours = np.asarray(hausdorff_distance(p, t, percentile=percentile, spacing=spacing))
       ref = _monai(compute_hausdorff_distance, p[known], t[known], spacing,
@@ -188,6 +196,49 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels():
   np.testing.assert_allclose(np.asarray(distance_transform_edt(mask, spacing=spacing)),
                              np.stack([ndi.distance_transform_edt(m, sampling=spacing)
                                        for m in mask]), rtol=1e-5, atol=1e-6)
+
+
+def test_lattice_spacings_and_their_fallback():
+  """Spacings whose squared ratios are integers (isotropic at any scale, 1 x 1 x 3, 0.5 x 1.5)
+  run the integer kernel; it equals MONAI, and where it cannot be exact (surfaces more than 255
+  voxels apart: squared distances past uint16) it says so and the float kernel answers."""
+  from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
+  assert surface._lattice_ratios(np.float32([1.0, 1.0, 3.0])) == (1, 1, 9)
+  assert surface._lattice_ratios(np.float32([0.5, 1.5])) == (1, 9)
+  assert surface._lattice_ratios(np.float32([0.7, 0.7, 0.7])) == (1, 1, 1)
+  assert surface._lattice_ratios(np.float32([1.0, 1.2])) is None
+  rng = np.random.default_rng(11)
+  for shape, spacing in (((19, 14), (0.5, 1.5)), ((9, 12, 11), (1.0, 1.0, 3.0)),
+                         ((9, 12, 11), (0.7, 0.7, 0.7)), ((30, 20), (2.0, 2.0))):
+    pred, target = _edge_cases(rng, shape)
+    for percentile in (None, 95):
+      ours = np.asarray(hausdorff_distance(pred, target, percentile=percentile, spacing=spacing))
+      ref = _monai(compute_hausdorff_distance, pred, target, spacing, percentile=percentile)
+      known = pred.reshape(len(pred), -1).any(1) == target.reshape(len(pred), -1).any(1)
+      np.testing.assert_allclose(ours[known], ref[known], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(average_surface_distance(pred, target, spacing=spacing, symmetric=True)),
+        _monai(compute_average_surface_distance, pred, target, spacing, symmetric=True),
+        rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(surface_dice(pred, target, tolerance=1.6, spacing=spacing)),
+        _monai(compute_surface_dice, pred, target, spacing, class_thresholds=[1.6]),
+        rtol=1e-5, atol=1e-6)
+  # 299 voxels apart: k = 89401 does not fit uint16, so the integer kernel is not exact.
+  pred, target = np.zeros((2, 300, 3), bool), np.zeros((2, 300, 3), bool)
+  pred[:, 0, 1], target[0, 299, 1], target[1, 3, 0] = True, True, True
+  spacing = np.float32([1.0, 1.0])
+  args = (pred, target, spacing, np.float32(0.95), np.float32(0.0))
+  assert not bool(surface._lattice_statistics(*args, both=True, ratios=(1, 1))[1])
+  assert bool(surface._lattice_statistics(*args[:1] * 2, *args[2:], both=True,
+                                          ratios=(1, 1))[1])
+  for percentile in (None, 95):
+    np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, percentile=percentile)),
+                               _monai(compute_hausdorff_distance, pred, target,
+                                      percentile=percentile), rtol=1e-6)
+  traced = jax.jit(lambda p, t: hausdorff_distance(p, t, percentile=95))
+  np.testing.assert_allclose(np.asarray(traced(pred, target)),
+                             np.asarray(hausdorff_distance(pred, target, percentile=95)), rtol=1e-6)
 
 
 _masks = st.integers(0, 2**32 - 1).map(
