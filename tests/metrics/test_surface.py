@@ -173,8 +173,8 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
     known = [i for i, k in enumerate(items) if k != 3]
     if ratios is not None:  # the integer kernel resolves every path itself
       cropped = surface._prepared("test", p, t, spacing)
-      assert bool(surface._lattice_statistics(*cropped, np.float32(0.95), np.float32(0.0),
-                                              both=True, ratios=ratios)[1])
+      assert bool(surface._lattice_statistics(*cropped, np.float32(0.95), np.int32(0), both=True,
+                                              ratios=ratios, metric="hausdorff_quantile")[1])
     for percentile in (None, 95) if items != [2] else (None,):  # [2]: the old dense path
       ours = np.asarray(hausdorff_distance(p, t, percentile=percentile, spacing=spacing))
       ref = _monai(compute_hausdorff_distance, p[known], t[known], spacing,
@@ -228,10 +228,10 @@ def test_lattice_spacings_and_their_fallback():
   pred, target = np.zeros((2, 300, 3), bool), np.zeros((2, 300, 3), bool)
   pred[:, 0, 1], target[0, 299, 1], target[1, 3, 0] = True, True, True
   spacing = np.float32([1.0, 1.0])
-  args = (pred, target, spacing, np.float32(0.95), np.float32(0.0))
-  assert not bool(surface._lattice_statistics(*args, both=True, ratios=(1, 1))[1])
-  assert bool(surface._lattice_statistics(*args[:1] * 2, *args[2:], both=True,
-                                          ratios=(1, 1))[1])
+  args = (pred, target, spacing, np.float32(0.95), np.int32(0))
+  kwargs = {"both": True, "ratios": (1, 1), "metric": "hausdorff_quantile"}
+  assert not bool(surface._lattice_statistics(*args, **kwargs)[1])
+  assert bool(surface._lattice_statistics(*args[:1] * 2, *args[2:], **kwargs)[1])
   for percentile in (None, 95):
     np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, percentile=percentile)),
                                _monai(compute_hausdorff_distance, pred, target,
