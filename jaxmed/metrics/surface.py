@@ -446,27 +446,29 @@ def _distance_sums(dist, valid, tolerance):
   return largest, total, number, close
 
 
-@functools.partial(jax.jit, static_argnames=("both",))
-def _surface_statistics(pred, target, spacing, quantile, tolerance, both):
+@functools.partial(jax.jit, static_argnames=("both", "spatial"))
+def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial):
   """Every per-direction statistic the public metrics need, from one distance computation.
 
-  pred, target: (N, *spatial) bool; spacing: (d,) float32; quantile: float32 in [0, 1], or
+  edges: (2N, V) bool, the surfaces of pred then target, flattened (`_edges`), of arrays of
+  shape ``spatial``; spacing: (d,) float32; quantile: float32 in [0, 1], or
   negative to skip the (costlier) quantile; tolerance: float32.  ``both`` adds the
   target -> pred direction.  Returns a dict of (R, N) arrays, R = 2 if ``both`` else 1 (row 0 is
   pred -> target): ``max``, ``quantile``, ``sum``, ``number`` and ``close`` (distances <=
   tolerance) over the surface voxels, plus ``counts`` (2, N), the surface sizes of pred, target.
   One kernel per shape keeps compile time down; the extra reductions share one pass.
   """
-  n = pred.shape[0]
-  edge_pred, edge_target = _inner_boundary(pred), _inner_boundary(target)
+  n = edges.shape[0] // 2
+  counts = count_true(edges.reshape(2, n, -1))                # surface sizes of pred, target
+  edges = edges.reshape((2 * n,) + spatial)
+  edge_pred, edge_target = edges[:n], edges[n:]
   features = jnp.concatenate([edge_target, edge_pred] if both else [edge_target])
   query = jnp.concatenate([edge_pred, edge_target] if both else [edge_pred])
-  dist = jnp.sqrt(_squared_edt(features, query, spacing)).reshape(-1, n, pred[0].size)
+  dist = jnp.sqrt(_squared_edt(features, query, spacing)).reshape(-1, n, edges[0].size)
   valid = query.reshape(dist.shape)
   largest, total, number, close = _distance_sums(dist, valid, tolerance)
   at_quantile = jax.lax.cond(quantile >= 0, lambda: _quantile(dist, valid, quantile),
                              lambda: largest)
-  counts = jnp.stack([count_true(edge_pred.reshape(n, -1)), count_true(edge_target.reshape(n, -1))])
   return {"max": largest, "quantile": at_quantile, "sum": total, "number": number,
           "close": close, "counts": counts}
 
@@ -513,8 +515,8 @@ def _computed_once(fn, x, runtime):
   return jax.lax.fori_loop(0, trips, lambda i, y: fn(y), x)
 
 
-@functools.partial(jax.jit, static_argnames=("both", "ratios", "metric"))
-def _lattice_statistics(pred, target, spacing, quantile, within, both, ratios, metric):
+@functools.partial(jax.jit, static_argnames=("both", "ratios", "metric", "spatial"))
+def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, spatial):
   """`_surface_statistics` for a spacing on an integer lattice (`_lattice_ratios`), only the
   entries `_finish` reads for ``metric``, and whether every distance it used is exact (if not,
   the caller runs `_surface_statistics`). ``within``: `_within` of the tolerance.
@@ -529,13 +531,9 @@ def _lattice_statistics(pred, target, spacing, quantile, within, both, ratios, m
   ``s_min * sqrt(k)``: for unit spacing bit-equal to the float path's; otherwise within a float32
   rounding of it.
   """
-  n = pred.shape[0]
-  # (Flat buffers: XLA:CPU counts a (rows, V) buffer 8x faster than a reshaped 4-D one.)
-  shape = (2 * n,) + pred.shape[1:]
-  edges = _computed_once(lambda m: _inner_boundary(m.reshape(shape)).reshape(2 * n, -1),
-                         jnp.concatenate([pred, target]).reshape(2 * n, -1), spacing)
+  n = edges.shape[0] // 2
   counts = count_true(edges.reshape(2, n, -1))                # surface sizes of pred, target
-  edges = edges.reshape(shape)
+  edges = edges.reshape((2 * n,) + spatial)
   edge_pred, edge_target = edges[:n], edges[n:]
   features = jnp.concatenate([edge_target, edge_pred]) if both else edge_target
   query = edges if both else edge_pred
@@ -587,7 +585,7 @@ def _lattice_statistics(pred, target, spacing, quantile, within, both, ratios, m
   # The query voxels' integer squared distances, ``excluded`` where not certified (or no query).
   excluded = np.iinfo(np.uint16).max
   as_key = lambda k, limit: jnp.where(query & (k <= limit), k.astype(np.uint16),
-                                      np.uint16(excluded)).reshape(-1, n, pred[0].size)
+                                      np.uint16(excluded)).reshape(-1, n, edges[0].size)
   key, exact = jax.lax.cond((count == 0) | listed, lambda: (as_key(k, limit), jnp.bool_(True)),
                             lambda: (lambda k, limit, done: (as_key(k, limit), done))(
                                 *dense_levels()))
@@ -640,17 +638,21 @@ def _within(tolerance, spacing) -> int:
   return lo
 
 
-def _statistics(pred, target, spacing, quantile, tolerance, both, metric):
+def _statistics(edges, spacing, quantile, tolerance, both, metric):
   """The statistics `_finish` reads for ``metric``: from `_lattice_statistics` where the spacing
   allows it and it proves exact, else from `_surface_statistics`. Concrete inputs decide on the
-  host (only the path taken compiles); traced ones with ``lax.cond``."""
-  args = (pred, target, spacing, np.float32(quantile))
+  host (only the path taken compiles); traced ones with ``lax.cond``. ``edges``: `_edges`. The
+  kernels take them flattened: XLA:CPU counted a (rows, V) parameter 8x faster than a 4-D one
+  reshaped."""
+  spatial = tuple(edges.shape[1:])
+  args = (edges.reshape(edges.shape[0], -1), spacing, np.float32(quantile))
   ratios = _lattice_ratios(spacing)
-  float_stats = lambda: _surface_statistics(*args, np.float32(tolerance), both=both)
+  float_stats = lambda: _surface_statistics(*args, np.float32(tolerance), both=both,
+                                            spatial=spatial)
   if ratios is None:
     return float_stats()
   stats, exact = _lattice_statistics(*args, np.int32(_within(tolerance, spacing)), both=both,
-                                     ratios=ratios, metric=metric)
+                                     ratios=ratios, metric=metric, spatial=spatial)
   if isinstance(exact, jax.core.Tracer):
     return jax.lax.cond(exact, lambda: stats,
                         lambda: (lambda full: {k: full[k] for k in stats})(float_stats()))
@@ -735,12 +737,41 @@ def _masks(fn: str, pred, target):
   return pred.astype(bool), target.astype(bool)
 
 
+def _packed_inner_boundary(*masks):
+  """`_inner_boundary` of NumPy (N, *spatial) bool masks, concatenated along N, on bits packed
+  along the last axis (NumPy's packbits / unpackbits: 10 ms at 2 x 240 x 240 x 155, where
+  XLA:CPU's boolean boundary took 25-30 ms)."""
+  n = masks[0].shape[-1]
+  words = np.concatenate([np.packbits(m, axis=-1, bitorder="little") for m in masks])
+  eroded = words.copy()
+  for axis in range(1, words.ndim - 1):
+    size = words.shape[axis]
+    at = lambda part, axis=axis: tuple(part if a == axis else slice(None) for a in range(words.ndim))
+    eroded[at(slice(0, size - 1))] &= words[at(slice(1, size))]
+    eroded[at(slice(1, size))] &= words[at(slice(0, size - 1))]
+    eroded[at(0)] = eroded[at(size - 1)] = 0                   # outside the array: background
+  after, before = np.zeros_like(words), np.zeros_like(words)
+  after[..., :-1], before[..., 1:] = words[..., 1:], words[..., :-1]
+  # Bits past n in the last byte are 0: voxel n - 1's neighbour outside reads as background.
+  eroded &= ((words >> 1) | (after << 7)) & ((words << 1) | (before >> 7))
+  return np.unpackbits(words & ~eroded, axis=-1, count=n, bitorder="little").view(bool)
+
+
+def _edges(pred, target):
+  """(2N, *spatial) bool: the surfaces (`_inner_boundary`) of ``pred`` then ``target``; on the
+  host, bit-packed, for concrete masks."""
+  if _checks.is_traced(pred) or _checks.is_traced(target):
+    return _inner_boundary(jnp.concatenate([pred, target]))
+  return _packed_inner_boundary(np.asarray(pred), np.asarray(target))
+
+
 def _prepared(fn: str, pred, target, spacing):
+  """Validated ``(edges, spacing)``: `_edges` of the masks, cropped first if concrete."""
   pred, target = _masks(fn, pred, target)
   spacing = np.asarray(_checks.spacing_tuple(fn, spacing, pred.ndim - 1), np.float32)
   if not (_checks.is_traced(pred) or _checks.is_traced(target)):
     pred, target = _crop_to_union(pred, target)
-  return pred, target, spacing
+  return _edges(pred, target), spacing
 
 
 def distance_transform_edt(mask, spacing=None):
@@ -797,10 +828,10 @@ def hausdorff_distance(pred, target, *, percentile=None, spacing=None, directed=
   fn = "hausdorff_distance"
   if percentile is not None and not 0 <= float(percentile) <= 100:
     raise ValueError(f"{fn}: percentile must be None or in [0, 100]; got {percentile}")
-  pred, target, spacing = _prepared(fn, pred, target, spacing)
+  edges, spacing = _prepared(fn, pred, target, spacing)
   quantile = -1.0 if percentile is None else float(percentile) / 100.0
   metric = "hausdorff" if percentile is None else "hausdorff_quantile"
-  return _finish(_statistics(pred, target, spacing, quantile, 0.0, not directed, metric), metric)
+  return _finish(_statistics(edges, spacing, quantile, 0.0, not directed, metric), metric)
 
 
 def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
@@ -822,9 +853,9 @@ def average_surface_distance(pred, target, *, spacing=None, symmetric=False):
       concrete mask with values other than 0 and 1 (probabilities: threshold them first), or
       ``spacing`` that is not positive and finite.
   """
-  pred, target, spacing = _prepared("average_surface_distance", pred, target, spacing)
+  edges, spacing = _prepared("average_surface_distance", pred, target, spacing)
   metric = "average_surface_distance"
-  return _finish(_statistics(pred, target, spacing, -1.0, 0.0, bool(symmetric), metric), metric)
+  return _finish(_statistics(edges, spacing, -1.0, 0.0, bool(symmetric), metric), metric)
 
 
 def surface_dice(pred, target, *, tolerance, spacing=None):
@@ -849,6 +880,6 @@ def surface_dice(pred, target, *, tolerance, spacing=None):
   fn = "surface_dice"
   if not (np.isfinite(tolerance) and tolerance >= 0):
     raise ValueError(f"{fn}: tolerance must be finite and >= 0; got {tolerance}")
-  pred, target, spacing = _prepared(fn, pred, target, spacing)
+  edges, spacing = _prepared(fn, pred, target, spacing)
   metric = "surface_dice"
-  return _finish(_statistics(pred, target, spacing, -1.0, tolerance, True, metric), metric)
+  return _finish(_statistics(edges, spacing, -1.0, tolerance, True, metric), metric)

@@ -172,9 +172,10 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
     p, t = pred[items], target[items]
     known = [i for i, k in enumerate(items) if k != 3]
     if ratios is not None:  # the integer kernel resolves every path itself
-      cropped = surface._prepared("test", p, t, spacing)
-      assert bool(surface._lattice_statistics(*cropped, np.float32(0.95), np.int32(0), both=True,
-                                              ratios=ratios, metric="hausdorff_quantile")[1])
+      edges, sp = surface._prepared("test", p, t, spacing)
+      assert bool(surface._lattice_statistics(
+          edges.reshape(len(edges), -1), sp, np.float32(0.95), np.int32(0), both=True,
+          ratios=ratios, metric="hausdorff_quantile", spatial=edges.shape[1:])[1])
     for percentile in (None, 95) if items != [2] else (None,):  # [2]: the old dense path
       ours = np.asarray(hausdorff_distance(p, t, percentile=percentile, spacing=spacing))
       ref = _monai(compute_hausdorff_distance, p[known], t[known], spacing,
@@ -196,6 +197,19 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
   np.testing.assert_allclose(np.asarray(distance_transform_edt(mask, spacing=spacing)),
                              np.stack([ndi.distance_transform_edt(m, sampling=spacing)
                                        for m in mask]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2, 9), (2, 16), (2, 7, 13), (2, 5, 1, 17), (1, 4, 6, 8)])
+def test_host_boundary_equals_the_traced_one(shape):
+  """Concrete masks get their surfaces on the host, bit-packed; traced ones in JAX. Equal on
+  last axes of every length around a byte, single-voxel axes, and full / empty items."""
+  from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(len(shape) + shape[-1])
+  a, b = rng.uniform(size=shape) > 0.4, rng.uniform(size=shape) > 0.6
+  a[0], b[-1] = True, False
+  host = surface._edges(a, b)
+  assert isinstance(host, np.ndarray) and host.dtype == bool
+  np.testing.assert_array_equal(host, np.asarray(jax.jit(surface._edges)(a, b)))
 
 
 def test_lattice_spacings_and_their_fallback():
@@ -228,10 +242,10 @@ def test_lattice_spacings_and_their_fallback():
   pred, target = np.zeros((2, 300, 3), bool), np.zeros((2, 300, 3), bool)
   pred[:, 0, 1], target[0, 299, 1], target[1, 3, 0] = True, True, True
   spacing = np.float32([1.0, 1.0])
-  args = (pred, target, spacing, np.float32(0.95), np.int32(0))
-  kwargs = {"both": True, "ratios": (1, 1), "metric": "hausdorff_quantile"}
-  assert not bool(surface._lattice_statistics(*args, **kwargs)[1])
-  assert bool(surface._lattice_statistics(*args[:1] * 2, *args[2:], **kwargs)[1])
+  kwargs = {"both": True, "ratios": (1, 1), "metric": "hausdorff_quantile", "spatial": (300, 3)}
+  lattice = lambda p, t: surface._lattice_statistics(surface._edges(p, t).reshape(4, -1), spacing,
+                                                     np.float32(0.95), np.int32(0), **kwargs)
+  assert not bool(lattice(pred, target)[1]) and bool(lattice(pred, pred)[1])
   for percentile in (None, 95):
     np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, percentile=percentile)),
                                _monai(compute_hausdorff_distance, pred, target,
