@@ -533,13 +533,14 @@ def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, 
   """
   n = edges.shape[0] // 2
   counts = count_true(edges.reshape(2, n, -1))                # surface sizes of pred, target
-  edges = edges.reshape((2 * n,) + spatial)
+  edges_flat, edges = edges, edges.reshape((2 * n,) + spatial)
   edge_pred, edge_target = edges[:n], edges[n:]
   features = jnp.concatenate([edge_target, edge_pred]) if both else edge_target
-  query = edges if both else edge_pred
-  has_feature = (counts[::-1] if both else counts[1:]).reshape(-1) > 0
+  flat_query = edges_flat if both else edges_flat[:n]          # (rows, V), a parameter
+  has_feature = (counts[::-1] if both else counts[1:]).reshape(-1, 1) > 0
   spatial, rows = features.shape[1:], features.shape[0]
-  query = query & has_feature.reshape((-1,) + (1,) * len(spatial))
+  # (An item without a feature has nothing to certify: its query voxels drop out.)
+  query = (flat_query & has_feature).reshape(features.shape)
 
   def at_window(window, dtype):
     """(squared distances, the limit up to which they are exact, uncertified (rows, V), count)."""
@@ -554,8 +555,8 @@ def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, 
     k = _computed_once(passes[-1], k, spacing)   # read by several passes: computed once
     reach = _lattice_reach(spatial, window, ratios)
     limit = far - 1 if reach is None else min(reach, far - 1)
-    uncertified = _computed_once(lambda q: q & (k.reshape(rows, -1) > limit),
-                                 query.reshape(rows, -1), spacing)
+    uncertified = _computed_once(lambda q: q & has_feature & (k.reshape(rows, -1) > limit),
+                                 flat_query, spacing)
     return k, jnp.int32(limit), uncertified, jnp.sum(count_true(uncertified))
 
   k, limit, uncertified, count = at_window(_LATTICE_WINDOW, np.uint8)
