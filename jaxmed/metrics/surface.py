@@ -288,19 +288,28 @@ def _squared_edt(features, query, spacing):
   has_feature = count_true(features.reshape(features.shape[0], -1)) > 0
   query = query & has_feature.reshape((-1,) + (1,) * len(spatial))
 
+  rows = features.shape[0]
+  flat_query = query.reshape(rows, -1)
+
   def at_window(window):
+    passes = [functools.partial(_window_min, axis=axis, window=min(window, n - 1), far=_FAR,
+                                cost=lambda t, s=spacing[axis - 1]: (
+                                    jnp.asarray(t, jnp.float32) * s) ** 2)
+              for axis, n in enumerate(spatial, start=1)]
     g = start
-    for axis, n in enumerate(spatial, start=1):
-      s = spacing[axis - 1]
-      g = _window_min(g, axis, min(window, n - 1),
-                      lambda t, s=s: (jnp.asarray(t, jnp.float32) * s) ** 2, _FAR)
-    return g
+    for window_pass in passes[:-1]:
+      g = window_pass(g)
+    return _computed_once(passes[-1], g, spacing)  # read by several passes: computed once
+
+  def uncertified_at(g, reach):
+    """(rows, V) bool, materialised (count_true reads it as words)."""
+    return _computed_once(lambda q: q & (g.reshape(rows, -1) > reach), flat_query, spacing)
 
   def certified(g, window):
     reach = _certified_reach(spatial, window, spacing)
     if reach is None:
       return jnp.bool_(True)
-    return count_true((query & (g > reach)).reshape(1, -1))[0] == 0
+    return jnp.sum(count_true(uncertified_at(g, reach))) == 0
 
   levels = _window_levels(spatial)
   g = at_window(levels[0])
@@ -310,8 +319,9 @@ def _squared_edt(features, query, spacing):
     for previous, window in zip(levels, levels[1:]):
       g = jax.lax.cond(certified(g, previous), lambda g: g, lambda g: at_window(window), g)
     return g
-  uncertified = query & (g > _certified_reach(spatial, levels[0], spacing))
-  count = count_true(uncertified.reshape(1, -1))[0]
+  uncertified = uncertified_at(g, _certified_reach(spatial, levels[0], spacing))
+  count = jnp.sum(count_true(uncertified))
+  uncertified = uncertified.reshape(query.shape)
   g, done = jax.lax.cond(
       (count > 0) & (count <= _MAX_OUTLIERS),
       lambda g: _resolve_outliers(g, features, uncertified, spacing, count),
@@ -409,15 +419,41 @@ def _float_midpoint(lo, hi):
   return jnp.where(mid < hi, mid, lo)  # rounding may land on hi: test lo, still progress
 
 
-def _quantile(values, valid, q):
+def _window_distances(spacing, window):
+  """Sorted float32 ``sqrt(sum_a (t_a s_a)^2)`` over ``0 <= t_a <= window``: every distance a
+  window level of that size can certify, summed in the passes' order (so bit-equal to theirs)."""
+  t = jnp.arange(window + 1, dtype=jnp.float32)
+  total = jnp.zeros((), jnp.float32)
+  for a in range(spacing.shape[0]):
+    total = total[..., None] + (t * spacing[a]) ** 2
+  return jnp.sqrt(jnp.sort(total.reshape(-1)))
+
+
+def _candidate_midpoint(candidates):
+  """A bisection midpoint that is a ``candidates`` value (sorted) in ``[lo, hi)`` where one
+  exists, else the float midpoint: values mostly come from a small known set (the first window
+  level's `_window_distances`), so the bisection ends after log2(its size) passes (7) instead of
+  log2(range / gap) (about 25)."""
+  def midpoint(lo, hi):
+    i = jnp.searchsorted(candidates, lo, side="left")
+    j = jnp.searchsorted(candidates, hi, side="left")
+    inside = candidates[jnp.clip((i + j) // 2, 0, candidates.shape[0] - 1)]
+    return jnp.where(i < j, inside, _float_midpoint(lo, hi))
+  return midpoint
+
+
+def _quantile(values, valid, q, candidates):
   """``torch.quantile(values[valid], q)`` (linear interpolation) over the last axis, exactly.
 
-  values: (..., V) float32 >= 0; valid: (..., V) bool.  See `_order_statistics`.
+  values: (..., V) float32 >= 0; valid: (..., V) bool; candidates: sorted float32 values most
+  of ``values`` take (`_candidate_midpoint`; any set gives the exact result).  See
+  `_order_statistics`.
   """
   key = jnp.where(valid, values, jnp.inf)
   stats = lambda t: (x[..., 0] for x in _count_max_min(key, t[..., None]))
   count, hi, _ = stats(jnp.full(key.shape[:-1], np.finfo(np.float32).max))
-  v_below, v_above, fraction = _order_statistics(stats, count, hi, q, _float_midpoint)
+  v_below, v_above, fraction = _order_statistics(stats, count, hi, q,
+                                                 _candidate_midpoint(candidates))
   return v_below + fraction * (v_above - v_below)
 
 
@@ -467,8 +503,10 @@ def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial):
   dist = jnp.sqrt(_squared_edt(features, query, spacing)).reshape(-1, n, edges[0].size)
   valid = query.reshape(dist.shape)
   largest, total, number, close = _distance_sums(dist, valid, tolerance)
-  at_quantile = jax.lax.cond(quantile >= 0, lambda: _quantile(dist, valid, quantile),
-                             lambda: largest)
+  at_quantile = jax.lax.cond(
+      quantile >= 0,
+      lambda: _quantile(dist, valid, quantile, _window_distances(spacing, _FIRST_WINDOW)),
+      lambda: largest)
   return {"max": largest, "quantile": at_quantile, "sum": total, "number": number,
           "close": close, "counts": counts}
 
