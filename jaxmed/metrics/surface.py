@@ -483,7 +483,8 @@ def _distance_sums(dist, valid, tolerance):
 
 
 @functools.partial(jax.jit, static_argnames=("both", "spatial"))
-def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial):
+def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial, query_index=None,
+                        query_count=None):
   """Every per-direction statistic the public metrics need, from one distance computation.
 
   edges: (2N, V) bool, the surfaces of pred then target, flattened (`_edges`), of arrays of
@@ -493,6 +494,11 @@ def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial):
   pred -> target): ``max``, ``quantile``, ``sum``, ``number`` and ``close`` (distances <=
   tolerance) over the surface voxels, plus ``counts`` (2, N), the surface sizes of pred, target.
   One kernel per shape keeps compile time down; the extra reductions share one pass.
+
+  query_index, query_count: (R N, C) int32 and (R N,) int32 (`_query_index`, concrete inputs):
+  each query row's surface voxels, so that the statistics read those ``C`` distances per row
+  instead of every voxel (the quantile's passes over the whole float32 array took ~34 ms each at
+  2 x 240 x 240 x 155); None reads every voxel.
   """
   n = edges.shape[0] // 2
   counts = count_true(edges.reshape(2, n, -1))                # surface sizes of pred, target
@@ -500,8 +506,14 @@ def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial):
   edge_pred, edge_target = edges[:n], edges[n:]
   features = jnp.concatenate([edge_target, edge_pred] if both else [edge_target])
   query = jnp.concatenate([edge_pred, edge_target] if both else [edge_pred])
-  dist = jnp.sqrt(_squared_edt(features, query, spacing)).reshape(-1, n, edges[0].size)
-  valid = query.reshape(dist.shape)
+  squared = _squared_edt(features, query, spacing)
+  if query_index is None:
+    dist = jnp.sqrt(squared).reshape(-1, n, edges[0].size)
+    valid = query.reshape(dist.shape)
+  else:
+    picked = jnp.take_along_axis(squared.reshape(query_index.shape[0], -1), query_index, axis=1)
+    dist = jnp.sqrt(picked).reshape(-1, n, query_index.shape[1])
+    valid = (jnp.arange(query_index.shape[1]) < query_count[:, None]).reshape(dist.shape)
   largest, total, number, close = _distance_sums(dist, valid, tolerance)
   at_quantile = jax.lax.cond(
       quantile >= 0,
@@ -677,6 +689,20 @@ def _within(tolerance, spacing) -> int:
   return lo
 
 
+def _query_index(edges, both):
+  """``(index, count)``: per query row of NumPy ``edges`` (`_edges`; pred then target if
+  ``both``, else pred), the flat positions of its surface voxels, zero-padded to a bucketed
+  width (`_bucket`: a few widths per power of two, so few compiles), and how many there are."""
+  rows = edges.reshape(edges.shape[0], -1)
+  rows = rows if both else rows[: len(rows) // 2]
+  found = [np.flatnonzero(row) for row in rows]
+  count = np.array([len(f) for f in found], np.int32)
+  index = np.zeros((len(rows), _bucket(max(int(count.max()), 1), rows.shape[1])), np.int32)
+  for row, positions in enumerate(found):
+    index[row, : len(positions)] = positions
+  return index, count
+
+
 def _statistics(edges, spacing, quantile, tolerance, both, metric):
   """The statistics `_finish` reads for ``metric``: from `_lattice_statistics` where the spacing
   allows it and it proves exact, else from `_surface_statistics`. Concrete inputs decide on the
@@ -686,8 +712,10 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   spatial = tuple(edges.shape[1:])
   args = (edges.reshape(edges.shape[0], -1), spacing, np.float32(quantile))
   ratios = _lattice_ratios(spacing)
-  float_stats = lambda: _surface_statistics(*args, np.float32(tolerance), both=both,
-                                            spatial=spatial)
+  index = (lambda: (None, None)) if isinstance(edges, jax.Array) else (
+      lambda: _query_index(edges, both))
+  float_stats = lambda: _surface_statistics(*args, np.float32(tolerance), both, spatial,
+                                            *index())
   if ratios is None:
     return float_stats()
   stats, exact = _lattice_statistics(*args, np.int32(_within(tolerance, spacing)), both=both,

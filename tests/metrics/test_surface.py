@@ -102,15 +102,19 @@ def test_average_surface_distance_and_surface_dice_match_monai(shape, spacing):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_empty_mask_convention():
+@pytest.mark.parametrize("spacing", [None, (1.0, 1.3)])  # integer kernel, float32 kernel
+def test_empty_mask_convention(spacing):
   empty, blob = np.zeros((1, 8, 8), bool), np.zeros((1, 8, 8), bool)
   blob[0, 2:5, 3:6] = True
   for fn, kw in ((hausdorff_distance, {}), (hausdorff_distance, {"percentile": 95}),
                  (average_surface_distance, {})):
+    kw["spacing"] = spacing
     assert np.isinf(fn(blob, empty, **kw)[0]) and np.isinf(fn(empty, blob, **kw)[0])
     assert np.isnan(fn(empty, empty, **kw)[0])
-  assert surface_dice(blob, empty, tolerance=1)[0] == 0
-  assert np.isnan(surface_dice(empty, empty, tolerance=1)[0])
+    assert fn(blob, blob, **kw)[0] == 0
+  assert surface_dice(blob, empty, tolerance=1, spacing=spacing)[0] == 0
+  assert np.isnan(surface_dice(empty, empty, tolerance=1, spacing=spacing)[0])
+  assert surface_dice(blob, blob, tolerance=0, spacing=spacing)[0] == 1
 
 
 def test_far_apart_objects_need_the_brute_force_level():
