@@ -35,8 +35,11 @@ def _start_two_processes(workdir, total_steps, data_flags):
 
 def _wait(procs):
   outputs = [p.communicate(timeout=400)[0].decode() for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  # Every process's output on failure: one that fails first makes the other time out, and its
+  # own log is the one that says why.
+  report = "\n".join(f"--- process {i} (return code {p.returncode}):\n{out[-3000:]}"
+                      for i, (p, out) in enumerate(zip(procs, outputs)))
+  assert all(p.returncode == 0 for p in procs), report
 
 
 def _final(workdir):
