@@ -482,6 +482,19 @@ def _distance_sums(dist, valid, tolerance):
   return largest, total, number, close
 
 
+def _directions(edges, both, spatial):
+  """``(counts, features, query)`` of the kernels' flat (2N, V) surfaces ``edges`` (pred then
+  target) of arrays of shape ``spatial``: the surface sizes (2, N), and per direction row (pred
+  -> target, then target -> pred if ``both``) the surface searched and the one asked about,
+  (R N, *spatial) bool each."""
+  n = edges.shape[0] // 2
+  counts = count_true(edges.reshape(2, n, -1))
+  edges = edges.reshape((2 * n,) + spatial)
+  edge_pred, edge_target = edges[:n], edges[n:]
+  features = jnp.concatenate([edge_target, edge_pred]) if both else edge_target
+  return counts, features, edges if both else edge_pred
+
+
 @functools.partial(jax.jit, static_argnames=("both", "spatial"))
 def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial, query_index=None,
                         query_count=None):
@@ -501,14 +514,10 @@ def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial, quer
   2 x 240 x 240 x 155); None reads every voxel.
   """
   n = edges.shape[0] // 2
-  counts = count_true(edges.reshape(2, n, -1))                # surface sizes of pred, target
-  edges = edges.reshape((2 * n,) + spatial)
-  edge_pred, edge_target = edges[:n], edges[n:]
-  features = jnp.concatenate([edge_target, edge_pred] if both else [edge_target])
-  query = jnp.concatenate([edge_pred, edge_target] if both else [edge_pred])
+  counts, features, query = _directions(edges, both, spatial)
   squared = _squared_edt(features, query, spacing)
   if query_index is None:
-    dist = jnp.sqrt(squared).reshape(-1, n, edges[0].size)
+    dist = jnp.sqrt(squared).reshape(-1, n, edges.shape[1])
     valid = query.reshape(dist.shape)
   else:
     picked = jnp.take_along_axis(squared.reshape(query_index.shape[0], -1), query_index, axis=1)
@@ -582,14 +591,12 @@ def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, 
   rounding of it.
   """
   n = edges.shape[0] // 2
-  counts = count_true(edges.reshape(2, n, -1))                # surface sizes of pred, target
-  edges_flat, edges = edges, edges.reshape((2 * n,) + spatial)
-  edge_pred, edge_target = edges[:n], edges[n:]
-  features = jnp.concatenate([edge_target, edge_pred]) if both else edge_target
-  flat_query = edges_flat if both else edges_flat[:n]          # (rows, V), a parameter
+  counts, features, query = _directions(edges, both, spatial)
+  rows = features.shape[0]
+  flat_query = query.reshape(rows, -1)                         # (rows, V), the parameter
+  # An item without a feature has nothing to certify: its query voxels drop out (applied inside
+  # the loops below too, so that the loops start from the parameter, not from a copy).
   has_feature = (counts[::-1] if both else counts[1:]).reshape(-1, 1) > 0
-  spatial, rows = features.shape[1:], features.shape[0]
-  # (An item without a feature has nothing to certify: its query voxels drop out.)
   query = (flat_query & has_feature).reshape(features.shape)
 
   def at_window(window, dtype):
@@ -636,7 +643,7 @@ def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, 
   # The query voxels' integer squared distances, ``excluded`` where not certified (or no query).
   excluded = np.iinfo(np.uint16).max
   as_key = lambda k, limit: jnp.where(query & (k <= limit), k.astype(np.uint16),
-                                      np.uint16(excluded)).reshape(-1, n, edges[0].size)
+                                      np.uint16(excluded)).reshape(-1, n, edges.shape[1])
   key, exact = jax.lax.cond((count == 0) | listed, lambda: (as_key(k, limit), jnp.bool_(True)),
                             lambda: (lambda k, limit, done: (as_key(k, limit), done))(
                                 *dense_levels()))
@@ -709,18 +716,17 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   host (only the path taken compiles); traced ones with ``lax.cond``. ``edges``: `_edges`. The
   kernels take them flattened: XLA:CPU counted a (rows, V) parameter 8x faster than a 4-D one
   reshaped."""
-  spatial = tuple(edges.shape[1:])
+  spatial, traced = tuple(edges.shape[1:]), _checks.is_traced(edges)
   args = (edges.reshape(edges.shape[0], -1), spacing, np.float32(quantile))
   ratios = _lattice_ratios(spacing)
-  index = (lambda: (None, None)) if isinstance(edges, jax.Array) else (
-      lambda: _query_index(edges, both))
-  float_stats = lambda: _surface_statistics(*args, np.float32(tolerance), both, spatial,
-                                            *index())
+  float_stats = lambda: _surface_statistics(
+      *args, np.float32(tolerance), both, spatial,
+      *((None, None) if traced else _query_index(edges, both)))
   if ratios is None:
     return float_stats()
   stats, exact = _lattice_statistics(*args, np.int32(_within(tolerance, spacing)), both=both,
                                      ratios=ratios, metric=metric, spatial=spatial)
-  if isinstance(exact, jax.core.Tracer):
+  if traced:
     return jax.lax.cond(exact, lambda: stats,
                         lambda: (lambda full: {k: full[k] for k in stats})(float_stats()))
   return stats if bool(exact) else float_stats()
