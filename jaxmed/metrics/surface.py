@@ -716,17 +716,17 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   host (only the path taken compiles); traced ones with ``lax.cond``. ``edges``: `_edges`. The
   kernels take them flattened: XLA:CPU counted a (rows, V) parameter 8x faster than a 4-D one
   reshaped."""
-  spatial, traced = tuple(edges.shape[1:]), _checks.is_traced(edges)
+  spatial = tuple(edges.shape[1:])
   args = (edges.reshape(edges.shape[0], -1), spacing, np.float32(quantile))
   ratios = _lattice_ratios(spacing)
   float_stats = lambda: _surface_statistics(
       *args, np.float32(tolerance), both, spatial,
-      *((None, None) if traced else _query_index(edges, both)))
+      *((None, None) if _checks.is_traced(edges) else _query_index(edges, both)))
   if ratios is None:
     return float_stats()
   stats, exact = _lattice_statistics(*args, np.int32(_within(tolerance, spacing)), both=both,
                                      ratios=ratios, metric=metric, spatial=spatial)
-  if traced:
+  if _checks.is_traced(exact):  # also for concrete masks inside a user's jit
     return jax.lax.cond(exact, lambda: stats,
                         lambda: (lambda full: {k: full[k] for k in stats})(float_stats()))
   return stats if bool(exact) else float_stats()
