@@ -42,8 +42,8 @@ import numpy as np
 
 from jaxmed.models._utils import (check_choice, check_input, check_rate, check_spatial_dims,
                                   spatial_tuple)
-from jaxmed.models.blocks import (MLP, DropPath, PatchConv, grid_shape_of, make_norm, patchify,
-                                  unpatchify)
+from jaxmed.models.blocks import (MLP, Dense, DropPath, PatchConv, grid_shape_of, make_norm,
+                                  patchify, unpatchify)
 
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("cls", "mean")
@@ -186,7 +186,7 @@ class Attention(nn.Module):
     h = self.num_heads
     hd = dim // h
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
-    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, name="qkv", **dense)(x)
+    qkv = Dense(3 * dim, use_bias=self.qkv_bias, name="qkv", **dense)(x)
     qkv = qkv.reshape(n, t, 3, h, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.attention_dropout_rate > 0.0 and not deterministic:
@@ -196,7 +196,7 @@ class Attention(nn.Module):
       out = jnp.einsum("nhts,nshd->nthd", weights.astype(v.dtype), v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5)
-    return nn.Dense(dim, name="proj", **dense)(out.reshape(n, t, dim))
+    return Dense(dim, name="proj", **dense)(out.reshape(n, t, dim))
 
 
 class Block(nn.Module):
@@ -545,7 +545,7 @@ class MAEDecoder(_Transformer):
                        f"T={num_tokens}; got shape {latent.shape}")
     dim = self.embed_dim
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
-    x = nn.Dense(dim, name="embed", **dense)(latent).astype(jnp.float32)
+    x = Dense(dim, name="embed", **dense)(latent).astype(jnp.float32)
     mask_token = self.param("mask_token", token_init, (1, 1, dim), self.param_dtype)
     visible = x[:, extra:]
     fill = jnp.broadcast_to(mask_token.astype(jnp.float32),
@@ -563,7 +563,7 @@ class MAEDecoder(_Transformer):
                     train=train, feats=feats)
     x = _layer_norm(self.layer_norm_eps, "norm", self.param_dtype)(x)
     feats["decoder_tokens"] = x
-    pred = nn.Dense(math.prod(p) * self.out_channels, name="pred", **dense)(
+    pred = Dense(math.prod(p) * self.out_channels, name="pred", **dense)(
         x.astype(self.dtype)).astype(jnp.float32)[:, extra:]
     return (pred, feats) if return_features else pred
 

@@ -332,7 +332,9 @@ def test_argument_helpers():
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("shape, kind, groups", [
     ((2, 5, 7, 12), "instance", None), ((1, 3, 4, 5, 8), "group", 4), ((3, 9, 6), "instance", None),
-    ((2, 6, 6, 20), "group", 10), ((2, 4, 4, 4, 3), "group", 1)])
+    ((2, 6, 6, 20), "group", 10), ((2, 4, 4, 4, 3), "group", 1),
+    ((2, 1031, 3), "instance", None),       # a prime extent: zero-padded to blocks of 1024
+    ((1, 16, 20, 15, 4), "group", 2)])      # 4800 voxels: blocks of 960
 def test_group_stats_norm_equals_flax_norms_values_and_gradients(shape, kind, groups, backend,
                                                                  monkeypatch):
   # Same variable tree and numbers as Flax's two-pass norms, on both summation paths (CPU's
@@ -357,3 +359,42 @@ def test_group_stats_norm_equals_flax_norms_values_and_gradients(shape, kind, gr
     make_norm("group", num_groups=4).init(jax.random.key(0), _random((1, 3, 3, 6)))
   with pytest.raises(ValueError, match=r"GroupStatsNorm input must be \(N, \*spatial, C\)"):
     make_norm("instance").init(jax.random.key(0), _random((2, 6)))
+
+
+@pytest.mark.parametrize("rows, cin, cout, use_bias", [
+    ((2, 5), 3, 4, True), ((4096,), 6, 5, True), ((1031,), 4, 3, False), ((3, 16, 20, 15), 1, 7, True)])
+def test_linear_gradient_equals_xla_derivative(rows, cin, cout, use_bias):
+  # The hand-written CPU gradient (blocked sums over rows) against XLA's derivative of x @ k + b;
+  # 1031 rows (a prime) take the zero-padded path, 14400 rows blocks of 960.
+  x = _random(rows + (cin,))
+  kernel, bias = _random((cin, cout), seed=1), _random((cout,), seed=2) if use_bias else None
+  weight = _random(rows + (cout,), seed=3)
+  ref = lambda x, k, b: jnp.einsum("...c,co->...o", x, k) + (0.0 if b is None else b)
+  loss = lambda f: lambda x, k, b: jnp.sum(jnp.sin(f(x, k, b)) * weight)
+  np.testing.assert_allclose(blocks.linear(x, kernel, bias), ref(x, kernel, bias), atol=1e-6)
+  got = jax.grad(loss(blocks.linear), (0, 1, 2))(x, kernel, bias)
+  want = jax.grad(loss(ref), (0, 1, 2))(x, kernel, bias)
+  assert (got[2] is None) == (bias is None)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_has_flax_dense_variables_and_numbers(dtype):
+  x = _random((2, 3, 5))
+  for kwargs in ({}, {"use_bias": False}, {"kernel_init": nn.initializers.ones}):
+    ours, ref = blocks.Dense(4, dtype=dtype, **kwargs), nn.Dense(4, dtype=dtype, **kwargs)
+    variables = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, ref.init(jax.random.key(0), x))
+    jax.tree.map(np.testing.assert_array_equal, variables, ref.init(jax.random.key(0), x))
+    got, want = ours.apply(variables, x), ref.apply(variables, x)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=1e-6 if dtype == jnp.float32 else 2e-2)
+    grads = [jax.grad(lambda v, m=m: jnp.sum(m.apply(v, x).astype(jnp.float32) ** 2))(variables)
+             for m in (ours, ref)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      assert a.dtype == b.dtype
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=1e-5 if dtype == jnp.float32 else 5e-2, atol=1e-5)

@@ -491,3 +491,51 @@ def test_train_mode_dropout_and_batch_stats_with_remat(tiny):
   changed = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), variables["batch_stats"],
                                    s1["batch_stats"])
   assert all(jax.tree_util.tree_leaves(changed))
+
+
+def test_cpu_gradients_as_accurate_as_xla_derivatives(monkeypatch):
+  # The hand-written CPU gradients (window attention, Dense, instance norm) and XLA's own
+  # derivatives (which the model takes on other backends), each against float64: shifted windows
+  # (with their mask), padded windows (a 16 x 32 token grid against 7) and shrunk ones included.
+  # Some leaves are ill-conditioned sums (a 1 -> 12 channel 1x1 conv's kernel: both paths ~1e-3
+  # from float64), so each path's error is compared, leaf by leaf, with the other's. (2D: the
+  # hand-written gradients do not depend on the number of spatial axes.)
+  spatial = (32, 64)
+  kwargs = dict(feature_size=12, depths=(2, 1, 1, 1), num_heads=(1, 2, 1, 1), window_size=7,
+                spatial_dims=2)
+  model = SwinUNETR(2, **kwargs)
+  x = jnp.asarray(_input((1,) + spatial + (1,), seed=5))
+  variables = _random_variables(model, x)
+  grad = lambda m, v, x: jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(m.apply(v, x)) * x)))(v)
+  got = grad(model, variables, x)
+  with jax.enable_x64(True):
+    wide = SwinUNETR(2, dtype=jnp.float64, param_dtype=jnp.float64, **kwargs)
+    ref = grad(wide, jax.tree.map(lambda a: a.astype(jnp.float64), variables),
+               x.astype(jnp.float64))
+    ref = jax.tree.map(np.asarray, ref)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  want = grad(model, variables, x)
+  # A wrong formula is off by O(1); float32 orders by 1e-6 to 1e-4 (a norm over one or two
+  # voxels, as at the bottleneck, is ill-conditioned; over one its gradient is zero).
+  error = lambda a, r: float(np.linalg.norm(np.asarray(a, np.float64) - r)
+                             / max(np.linalg.norm(r), 1e-30))
+  leaves = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want),
+               jax.tree_util.tree_leaves(ref))
+  for (path, a), b, r in leaves:
+    assert error(a, r) <= max(3 * error(b, r), 1e-4), (jax.tree_util.keystr(path), error(a, r),
+                                                       error(b, r))
+
+
+def test_window_attention_gradient_equals_xla_derivative():
+  from jaxmed.models import swin_unetr  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.normal(size=(2, 3, 2, 27, 4)), jnp.float32) for _ in range(4))
+  bias = jnp.asarray(rng.normal(size=(2, 27, 27)), jnp.float32)
+  mask = jnp.asarray(np.where(rng.random((3, 27, 27)) < 0.3, -100.0, 0.0), jnp.float32)
+  for m in (None, mask):
+    ours = lambda q, k, v, b, m=m: jnp.sum(swin_unetr.window_attention(q, k, v, b, m) * g)
+    ref = lambda q, k, v, b, m=m: jnp.sum(swin_unetr._attend(q, k, v, b, m)[0] * g)  # pylint: disable=protected-access
+    np.testing.assert_allclose(ours(q, k, v, bias), ref(q, k, v, bias), rtol=1e-6)
+    for a, b in zip(jax.grad(ours, (0, 1, 2, 3))(q, k, v, bias),
+                    jax.grad(ref, (0, 1, 2, 3))(q, k, v, bias)):
+      np.testing.assert_allclose(a, b, atol=5e-6)
