@@ -491,8 +491,8 @@ class GroupStatsNorm(nn.Module):
   The same numbers and variables as ``nn.GroupNorm`` / ``nn.InstanceNorm`` with
   ``use_fast_variance=False`` (``scale`` and ``bias`` of shape ``(C,)``; PyTorch's two-pass
   variance), up to float32 summation order, through :func:`group_norm`. On CPU the sums are
-  matrix-vector products with a vector of ones: XLA:CPU splits a plain reduction over a large
-  spatial extent into reduce-window passes. Instance norm + LeakyReLU of the demo UNet's step,
+  blocked products with ones (:func:`spatial_sums`): XLA:CPU splits a plain reduction over a
+  large spatial extent into reduce-window passes. Instance norm + LeakyReLU of the demo UNet's step,
   forward + backward on this project's 2-core CPU: Flax's norm 15.2 ms, these sums with XLA's
   derivative 11.7 ms, with the hand-written one 8.7 ms. Other backends reduce directly.
 
