@@ -70,8 +70,8 @@ import numpy as np
 from jaxmed.models._utils import (check_choice, check_input, check_rate, check_spatial_dims,
                                   spatial_tuple)
 from jaxmed.models.blocks import (MLP, Dense, DropPath, PatchEmbed, SameConv, UnetrBasicBlock,
-                                  UnetrUpBlock, check_norm_channels, conv_init, make_norm,
-                                  parse_norm, spatial_sums, trunc_normal_init)
+                                  UnetrUpBlock, attention, check_norm_channels, conv_init,
+                                  make_norm, parse_norm, trunc_normal_init)
 
 DOWNSAMPLES = ("merging", "mergingv2", "merging_legacy")
 PATCH_EMBEDDINGS = ("linear", "conv")
@@ -185,72 +185,6 @@ def _window_reverse(windows: jax.Array, window: tuple[int, ...],
 
 
 # --------------------------------------------------------------------------------------------
-# Attention.
-
-
-def _attend(q, k, v, bias, mask):
-  """Softmax attention of each window; returns ``(out, probs)``. Shapes as
-  :func:`window_attention`."""
-  logits = jnp.einsum("bwhnd,bwhmd->bwhnm", q, k, preferred_element_type=jnp.float32) + bias
-  if mask is not None:
-    logits = logits + mask[:, None]
-  probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bwhnm,bwhmd->bwhnd", probs.astype(v.dtype), v), probs
-
-
-@jax.custom_vjp
-def _window_attention_cpu(q, k, v, bias, mask):
-  return _attend(q, k, v, bias, mask)[0]
-
-
-def _window_attention_cpu_fwd(q, k, v, bias, mask):
-  out, probs = _attend(q, k, v, bias, mask)
-  return out, (q, k, v, out, probs, mask)
-
-
-def _window_attention_cpu_bwd(residuals, g):
-  q, k, v, out, probs, mask = residuals
-  g_probs = jnp.einsum("bwhnd,bwhmd->bwhnm", g, v, preferred_element_type=jnp.float32)
-  # sum_m probs * g_probs = sum_d g * out (FlashAttention's identity): a sum over the head
-  # width instead of over the window's tokens.
-  row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  g_logits = probs * (g_probs - row)  # (B, W, h, n, n) float32
-  gq = jnp.einsum("bwhnm,bwhmd->bwhnd", g_logits.astype(k.dtype), k).astype(q.dtype)
-  gk = jnp.einsum("bwhnm,bwhnd->bwhmd", g_logits.astype(q.dtype), q).astype(k.dtype)
-  gv = jnp.einsum("bwhnm,bwhnd->bwhmd", probs.astype(g.dtype), g).astype(v.dtype)
-  b, w, h, n, m = g_logits.shape
-  g_bias = spatial_sums(g_logits.reshape(1, b * w, h * n * m), True).reshape(h, n, m)
-  return gq, gk, gv, g_bias.astype(jnp.float32), None if mask is None else jnp.zeros_like(mask)
-
-
-_window_attention_cpu.defvjp(_window_attention_cpu_fwd, _window_attention_cpu_bwd)
-
-
-def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                     mask: jax.Array | None = None) -> jax.Array:
-  """``softmax(q k^T + bias + mask) v`` per window and head.
-
-  Args:
-    q, k, v: ``(B, W, h, n, d)`` (``q`` already scaled).
-    bias: ``(h, n, n)`` float32, the relative position bias, shared by every window.
-    mask: ``(W, n, n)`` float32 constant added per window (the shifted windows' -100), or None.
-
-  Returns:
-    ``(B, W, h, n, d)`` in ``v``'s dtype; the softmax runs in float32.
-
-  On CPU the gradient is written by hand. XLA's derivative sums ``probs * g_probs`` over the
-  ``n`` keys and the bias's gradient over the windows with reductions that XLA:CPU ran at a
-  fraction of memory speed (about 1 s of the 4.5 s Swin-UNETR (feature 24, 64^3) gradient); here
-  the first is ``sum_d g * out`` (FlashAttention's identity, a sum over the head width) and the
-  second a product with ones (:func:`jaxmed.models.blocks.spatial_sums`). Same numbers up to
-  float32 rounding. Other backends use XLA's derivative.
-  """
-  if jax.default_backend() == "cpu":
-    return _window_attention_cpu(q, k, v, bias, mask)
-  return _attend(q, k, v, bias, mask)[0]
-
-
-# --------------------------------------------------------------------------------------------
 # Layers.
 
 
@@ -307,7 +241,8 @@ class WindowAttention(nn.Module):
       probs = nn.Dropout(self.attn_drop, deterministic=False)(jax.nn.softmax(logits, axis=-1))
       out = jnp.einsum("bwhnm,bwhmd->bwhnd", probs.astype(self.dtype), v.astype(self.dtype))
     else:
-      out = window_attention(q, k.astype(q.dtype), v.astype(self.dtype), bias, mask)
+      out = attention(q, k.astype(q.dtype), v.astype(self.dtype), bias,
+                      None if mask is None else mask[:, None])
     out = out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
     out = Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init,
                    name="proj")(out)

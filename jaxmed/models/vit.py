@@ -42,8 +42,8 @@ import numpy as np
 
 from jaxmed.models._utils import (check_choice, check_input, check_rate, check_spatial_dims,
                                   spatial_tuple)
-from jaxmed.models.blocks import (MLP, Dense, DropPath, PatchConv, grid_shape_of, make_norm,
-                                  patchify, unpatchify)
+from jaxmed.models.blocks import (MLP, Dense, DropPath, PatchConv, attention, grid_shape_of,
+                                  make_norm, patchify, unpatchify)
 
 POS_EMBEDS = ("learned", "sincos", "none")
 POOLS = ("cls", "mean")
@@ -170,8 +170,9 @@ class Attention(nn.Module):
   """Multi-head self-attention: a ``qkv`` Dense D -> 3D, scaled dot-product attention, ``proj``.
 
   The qkv features are ordered (3, heads, D / heads), as timm's and MONAI's. Logits and softmax
-  are float32 (``jax.nn.dot_product_attention``, which may pick a fused kernel on GPU); attention
-  dropout runs only when ``deterministic`` is False. Input / output ``(N, T, D)``.
+  are float32: on CPU :func:`jaxmed.models.blocks.attention` (its hand-written gradient), else
+  ``jax.nn.dot_product_attention`` (which may pick a fused kernel on GPU); attention dropout
+  runs only when ``deterministic`` is False. Input / output ``(N, T, D)``.
   """
 
   num_heads: int
@@ -194,6 +195,10 @@ class Attention(nn.Module):
       weights = jax.nn.softmax(logits * hd**-0.5, axis=-1)
       weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=False)
       out = jnp.einsum("nhts,nshd->nthd", weights.astype(v.dtype), v)
+    elif jax.default_backend() == "cpu":  # head-major, with the CPU-fast gradient
+      head_major = lambda a: a.transpose(0, 2, 1, 3)
+      out = attention(head_major(q) * jnp.asarray(hd**-0.5, q.dtype), head_major(k),
+                      head_major(v)).transpose(0, 2, 1, 3)
     else:
       out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5)
     return Dense(dim, name="proj", **dense)(out.reshape(n, t, dim))

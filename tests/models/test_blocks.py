@@ -398,3 +398,28 @@ def test_dense_has_flax_dense_variables_and_numbers(dtype):
       assert a.dtype == b.dtype
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                  rtol=1e-5 if dtype == jnp.float32 else 5e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, bias_shape, with_mask", [
+    ((2, 3, 2, 27, 4), (2, 27, 27), True),    # Swin: (B, windows, heads, n, d), bias per head
+    ((2, 4, 17, 8), None, False),              # ViT: (B, heads, tokens, d)
+    ((3, 9, 5), (9, 9), False)])
+def test_attention_gradient_equals_xla_derivative(shape, bias_shape, with_mask):
+  # The hand-written CPU gradient against XLA's derivative of the same softmax attention.
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(4))
+  bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+  mask = None
+  if with_mask:  # Swin's -100 across shifted-window regions, one per window
+    mask = jnp.asarray(np.where(rng.random((shape[1], 1) + shape[-2:-1] * 2) < 0.3, -100.0, 0.0),
+                       jnp.float32)
+  ours = lambda q, k, v, b: jnp.sum(blocks.attention(q, k, v, b, mask) * g)
+  ref = lambda q, k, v, b: jnp.sum(blocks._attend(q, k, v, b, mask)[0] * g)  # pylint: disable=protected-access
+  np.testing.assert_allclose(ours(q, k, v, bias), ref(q, k, v, bias), rtol=1e-6)
+  got = jax.grad(ours, (0, 1, 2, 3))(q, k, v, bias)
+  want = jax.grad(ref, (0, 1, 2, 3))(q, k, v, bias)
+  assert (got[3] is None) == (bias is None)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=5e-6)
+  with pytest.raises(ValueError, match=r"attention bias must have the trailing shape"):
+    blocks.attention(q, k, v, jnp.zeros((3, 3)))
