@@ -365,14 +365,17 @@ class Dense(nn.Module):
 # Attention.
 
 
-def _attend(q, k, v, bias, mask):
-  """``(out, probs)`` of softmax attention; shapes as :func:`attention`."""
+def _attend(q, k, v, bias, mask, dropout=None):
+  """``(out, probs)`` of softmax attention, ``dropout`` applied to the probabilities; shapes as
+  :func:`attention`."""
   logits = jnp.einsum("...nd,...md->...nm", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias
   if mask is not None:
     logits = logits + mask
   probs = jax.nn.softmax(logits, axis=-1)
+  if dropout is not None:
+    probs = dropout(probs)
   return jnp.einsum("...nm,...md->...nd", probs.astype(v.dtype), v), probs
 
 
@@ -406,7 +409,8 @@ _attention_cpu.defvjp(_attention_cpu_fwd, _attention_cpu_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
-              mask: jax.Array | None = None) -> jax.Array:
+              mask: jax.Array | None = None,
+              dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """``softmax(q k^T + bias + mask) v`` over the last two axes, head-major.
 
   Args:
@@ -416,6 +420,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
       bias shared by every window), learnable; or None.
     mask: float32 constant broadcastable to the logits (e.g. Swin's shifted-window -100 per
       window, ``(windows, 1, n, n)``); no gradient; or None.
+    dropout: applied to the probabilities (train-mode attention dropout, e.g. a Flax
+      ``nn.Dropout``), or None. With it the gradient is XLA's on every backend.
 
   Returns:
     ``(..., n, d)`` in ``v``'s dtype; the softmax runs in float32.
@@ -432,9 +438,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
                            or tuple(bias.shape) != logits_shape[len(logits_shape) - bias.ndim:]):
     raise ValueError(f"attention bias must have the trailing shape of the logits "
                      f"{logits_shape}; got bias shape {bias.shape}")
-  if jax.default_backend() == "cpu":
+  if dropout is None and jax.default_backend() == "cpu":
     return _attention_cpu(q, k, v, bias, mask)
-  return _attend(q, k, v, bias, mask)[0]
+  return _attend(q, k, v, bias, mask, dropout)[0]
 
 
 # --------------------------------------------------------------------------------------------

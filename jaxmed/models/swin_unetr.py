@@ -233,16 +233,11 @@ class WindowAttention(nn.Module):
     mask = None
     if regions is not None:  # (num_windows, n) region labels of a shifted window
       labels = jnp.asarray(regions)
-      mask = jnp.where(labels[:, None, :] != labels[:, :, None], _MASK_FILL, 0.0)
+      mask = jnp.where(labels[:, None, :] != labels[:, :, None], _MASK_FILL, 0.0)[:, None]
+    dropout = None
     if self.attn_drop > 0.0 and train:
-      logits = jnp.einsum("bwhnd,bwhmd->bwhnm", q, k, preferred_element_type=jnp.float32) + bias
-      if mask is not None:
-        logits = logits + mask[:, None]
-      probs = nn.Dropout(self.attn_drop, deterministic=False)(jax.nn.softmax(logits, axis=-1))
-      out = jnp.einsum("bwhnm,bwhmd->bwhnd", probs.astype(self.dtype), v.astype(self.dtype))
-    else:
-      out = attention(q, k.astype(q.dtype), v.astype(self.dtype), bias,
-                      None if mask is None else mask[:, None])
+      dropout = nn.Dropout(self.attn_drop, deterministic=False)
+    out = attention(q, k.astype(q.dtype), v.astype(self.dtype), bias, mask, dropout)
     out = out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
     out = Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init,
                    name="proj")(out)

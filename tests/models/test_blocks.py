@@ -421,5 +421,8 @@ def test_attention_gradient_equals_xla_derivative(shape, bias_shape, with_mask):
   assert (got[3] is None) == (bias is None)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=5e-6)
+  # dropout (any function of the probabilities) applies before the product with v.
+  np.testing.assert_allclose(blocks.attention(q, k, v, bias, mask, dropout=lambda p: 2 * p),
+                             2 * blocks.attention(q, k, v, bias, mask), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"attention bias must have the trailing shape"):
     blocks.attention(q, k, v, jnp.zeros((3, 3)))
