@@ -180,10 +180,22 @@ def _box_distances(features, coords, reach: int, squares: _Squares):
   return jax.vmap(one)(coords)
 
 
+def _block_length(size: int, longest: int) -> int:
+  """The block length for splitting ``size`` entries into blocks: the largest divisor of
+  ``size`` in ``[longest / 4, longest]`` (a reshape, no copy), else ``longest`` (the caller
+  pads: a copy of the whole buffer, 2-8 ms at 2 x 240 x 240 x 155)."""
+  for length in range(longest, longest // 4 - 1, -1):
+    if size % length == 0:
+      return length
+  return longest
+
+
 def _compact_blocks(mask):
-  """``mask`` flattened into rows of _COMPACT_BLOCK entries (zero-padded)."""
+  """``mask`` flattened into rows of about _COMPACT_BLOCK entries (`_block_length`;
+  zero-padded if no divisor fits)."""
   flat = mask.reshape(-1)
-  return jnp.pad(flat, (0, -flat.size % _COMPACT_BLOCK)).reshape(-1, _COMPACT_BLOCK)
+  length = _block_length(flat.size, _COMPACT_BLOCK)
+  return jnp.pad(flat, (0, -flat.size % length)).reshape(-1, length)
 
 
 def _few_true_coords(blocks, per_block, shape):
@@ -197,7 +209,8 @@ def _few_true_coords(blocks, per_block, shape):
   used = jnp.arange(_OUTLIER_BLOCKS) < jnp.sum(per_block > 0)
   picked = blocks[block_ids] & used[:, None]                    # a repeated block 0 counts once
   inner = jnp.nonzero(picked.reshape(-1), size=_MAX_OUTLIERS, fill_value=0)[0]
-  index = block_ids[inner // _COMPACT_BLOCK] * _COMPACT_BLOCK + inner % _COMPACT_BLOCK
+  length = blocks.shape[1]
+  index = block_ids[inner // length] * length + inner % length
   return jnp.stack(jnp.unravel_index(index, shape), axis=-1).astype(jnp.int32)
 
 
@@ -346,16 +359,18 @@ def _inner_boundary(mask):
 
 
 def _blocks(x, fill):
-  """(..., V) -> (..., B, _BLOCK), padding with ``fill``.
+  """(..., V) -> (..., B, L) with L = `_block_length` (V, _BLOCK), padding with ``fill`` if no
+  divisor of V fits.
 
   Reductions run within blocks first, then over blocks: float32 counts stay exact (a float32
   sum of 0/1 is exact only below 2**24) and float32 sums of distances stay accurate (one long
   sequential sum drifted 5e-5 from MONAI's at 128^3; blocked, 1e-6).
   """
-  pad = -x.shape[-1] % _BLOCK
+  length = _block_length(x.shape[-1], _BLOCK)
+  pad = -x.shape[-1] % length
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
-  return x.reshape(x.shape[:-1] + (-1, _BLOCK))
+  return x.reshape(x.shape[:-1] + (-1, length))
 
 
 def _count_max_min(key, thresholds):
@@ -574,33 +589,59 @@ def _computed_once(fn, x, runtime):
   return jax.lax.fori_loop(0, trips, lambda i, y: fn(y), x)
 
 
-@functools.partial(jax.jit, static_argnames=("both", "ratios", "metric", "spatial"))
-def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, spatial):
-  """`_surface_statistics` for a spacing on an integer lattice (`_lattice_ratios`), only the
-  entries `_finish` reads for ``metric``, and whether every distance it used is exact (if not,
-  the caller runs `_surface_statistics`). ``within``: `_within` of the tolerance.
+def _parts(n: int, both: bool):
+  """The lattice kernel's independent parts: ``(query side, feature side, start, stop)`` each,
+  sides 0 = pred and 1 = target, items ``start:stop``; their query rows in order make up the
+  direction rows (pred -> target, then target -> pred if ``both``).
 
-  Squared distances in units of ``s_min^2`` are then integers, so the window levels run in
-  small unsigned integers: the first (_LATTICE_WINDOW voxels) in uint8, certifying up to
-  ``(window + 1)^2`` (25 for isotropic voxels), a quarter of the float32 traffic. The query
-  voxels it leaves uncertified, if at most _MAX_OUTLIERS, get exact int32 box searches
-  (`_outlier_search`) and are kept as a list; more run the next levels (8, 16, ... voxels, the
-  last spanning every axis) in uint16, exact up to 65534 (255 voxels). The statistics read the
-  integer values and the list: the quantile is an integer bisection. Distances are
-  ``s_min * sqrt(k)``: for unit spacing bit-equal to the float path's; otherwise within a float32
-  rounding of it.
+  XLA:CPU runs each loop fusion on one thread, but independent ones side by side: two parts
+  (the two directions, or the two halves of the batch) keep two cores busy. At
+  240 x 240 x 155 the window passes took 59-63 ms in two chains against 93 ms in one."""
+  if both:
+    return [(0, 1, 0, n), (1, 0, 0, n)]
+  if n >= 2:
+    return [(0, 1, 0, n // 2), (0, 1, n // 2, n)]
+  return [(0, 1, 0, n)]
+
+
+def _lattice_values(ratios, window, limit):
+  """Sorted int32 values ``sum_a t_a^2 r_a <= limit`` over ``0 <= t_a <= window``: every squared
+  distance a window level of that size certifies (the bisection's candidate midpoints)."""
+  t2 = np.arange(window + 1) ** 2
+  total = np.zeros((), np.int64)
+  for r in ratios:
+    total = total[..., None] + t2 * r
+  values = np.unique(total)
+  return jnp.asarray(values[values <= limit], jnp.int32)
+
+
+def _integer_midpoint(candidates):
+  """`_candidate_midpoint` for integers: a ``candidates`` value in ``[lo, hi)`` where one
+  exists (the first window level's `_lattice_values`: about log2(23) passes instead of
+  log2(range)), else ``lo + (hi - lo) // 2``."""
+  def midpoint(lo, hi):
+    i = jnp.searchsorted(candidates, lo, side="left")
+    j = jnp.searchsorted(candidates, hi, side="left")
+    inside = candidates[jnp.clip((i + j) // 2, 0, candidates.shape[0] - 1)]
+    return jnp.where(i < j, inside, lo + (hi - lo) // 2)
+  return midpoint
+
+
+def _lattice_part(query, features, searchable, spacing, ratios, spatial):
+  """One `_parts` part of `_lattice_statistics`: the integer squared distances of its query
+  voxels and its list of outliers.
+
+  query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
+  is not empty. Returns ``key`` (rows, V) uint16 (the squared distance in units of ``s_min^2``
+  where a query voxel's is certified, 65535 elsewhere), ``listed_k`` (rows, K) int32 (the
+  outliers resolved by box searches, K = _MAX_OUTLIERS, _LATTICE_FAR where an entry is not
+  the row's), and whether every query voxel is certified.
   """
-  n = edges.shape[0] // 2
-  counts, features, query = _directions(edges, both, spatial)
-  rows = features.shape[0]
-  flat_query = query.reshape(rows, -1)                         # (rows, V), the parameter
-  # An item without a feature has nothing to certify: its query voxels drop out (applied inside
-  # the loops below too, so that the loops start from the parameter, not from a copy).
-  has_feature = (counts[::-1] if both else counts[1:]).reshape(-1, 1) > 0
-  query = (flat_query & has_feature).reshape(features.shape)
+  rows = query.shape[0]
+  features = features.reshape((rows,) + spatial)
 
   def at_window(window, dtype):
-    """(squared distances, the limit up to which they are exact, uncertified (rows, V), count)."""
+    """(squared distances, the limit up to which they are exact, uncertified (rows, V))."""
     far = np.iinfo(dtype).max
     k = jnp.where(features, dtype(0), dtype(far))
     passes = [functools.partial(
@@ -612,74 +653,130 @@ def _lattice_statistics(edges, spacing, quantile, within, both, ratios, metric, 
     k = _computed_once(passes[-1], k, spacing)   # read by several passes: computed once
     reach = _lattice_reach(spatial, window, ratios)
     limit = far - 1 if reach is None else min(reach, far - 1)
-    uncertified = _computed_once(lambda q: q & has_feature & (k.reshape(rows, -1) > limit),
-                                 flat_query, spacing)
-    return k, jnp.int32(limit), uncertified, jnp.sum(count_true(uncertified))
+    # An item whose features are empty has nothing to certify: its query voxels drop out.
+    uncertified = _computed_once(lambda q: q & searchable & (k.reshape(rows, -1) > limit),
+                                 query, spacing)
+    return k, jnp.int32(limit), uncertified
 
-  k, limit, uncertified, count = at_window(_LATTICE_WINDOW, np.uint8)
+  k, limit, uncertified = at_window(_LATTICE_WINDOW, np.uint8)
   none = (jnp.zeros((_MAX_OUTLIERS, 1 + len(spatial)), jnp.int32),
           jnp.full((_MAX_OUTLIERS,), _LATTICE_FAR, jnp.int32), jnp.ones((_MAX_OUTLIERS,), bool))
   if np.prod(spatial) >= _OUTLIER_MIN_VOXELS:
-    uncertified = uncertified.reshape(query.shape)
+    uncertified = uncertified.reshape(features.shape)
     blocks, per_block, few = _few_blocks(uncertified)
+    count = jnp.sum(per_block)                                 # one count of the mask, not two
     searched = (count > 0) & (count <= _MAX_OUTLIERS) & few
     coords, far_k, ok = jax.lax.cond(
         searched, lambda: _outlier_search(features, uncertified.shape, blocks, per_block, count,
                                           _lattice_squares(ratios)), lambda: none)
     listed = searched & jnp.all(ok)
   else:
+    count = jnp.sum(count_true(uncertified))
     (coords, far_k, ok), listed = none, jnp.bool_(False)
 
   def dense_levels():
     """The uint16 levels after the first, until every query voxel is certified."""
     levels = _window_levels(spatial)[1:] or [max(spatial) - 1]
-    level = lambda w: (lambda k, limit, _, count: (k, limit, count == 0))(*at_window(w, np.uint16))
+    level = lambda w: (lambda k, limit, unc: (k, limit, jnp.sum(count_true(unc)) == 0))(
+        *at_window(w, np.uint16))
     k, limit, done = level(levels[0])
     for window in levels[1:]:
       k, limit, done = jax.lax.cond(done, lambda s: s, lambda s, w=window: level(w),
                                     (k, limit, done))
     return k, limit, done
 
-  # The query voxels' integer squared distances, ``excluded`` where not certified (or no query).
   excluded = np.iinfo(np.uint16).max
-  as_key = lambda k, limit: jnp.where(query & (k <= limit), k.astype(np.uint16),
-                                      np.uint16(excluded)).reshape(-1, n, edges.shape[1])
+  as_key = lambda k, limit: jnp.where(query & searchable & (k.reshape(rows, -1) <= limit),
+                                      k.reshape(rows, -1).astype(np.uint16), np.uint16(excluded))
   key, exact = jax.lax.cond((count == 0) | listed, lambda: (as_key(k, limit), jnp.bool_(True)),
                             lambda: (lambda k, limit, done: (as_key(k, limit), done))(
                                 *dense_levels()))
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
-  listed = listed.reshape(-1, n, _MAX_OUTLIERS)                           # (R, N, K)
-  unit = jnp.min(spacing)
-  to_distance = lambda k: unit * jnp.sqrt(k.astype(jnp.float32))
-  if metric == "average_surface_distance":
-    _, total, number, _ = _distance_sums(to_distance(key), key != excluded, 0.0)
-    return {"counts": counts, "number": number + jnp.sum(listed, axis=-1, dtype=jnp.int32),
-            "sum": total + jnp.sum(jnp.where(listed, to_distance(far_k), 0.0), axis=-1)}, exact
+  return key, jnp.where(listed, far_k, _LATTICE_FAR), exact
 
-  # The other metrics read integers only: #{k <= t}, max{k <= t}, min{k > t} per row.
-  listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
 
-  def stats(t):  # t: (R, N) int32
-    below = jnp.clip(t, 0, excluded - 1).astype(np.uint16)[..., None]
-    n_le, max_le, min_gt = (x[..., 0] for x in _count_max_min(key, below))
+def _lattice_order_statistics(key, listed_k):
+  """stats(t) of `_order_statistics` for one `_lattice_part`: per row, over its key and listed
+  values, ``#{k <= t}``, ``max{k <= t}`` (0 if none) and ``min{k > t}`` (_LATTICE_FAR if none),
+  int32, for int32 thresholds ``t`` (rows,)."""
+  excluded = np.iinfo(np.uint16).max
+
+  def stats(t):
+    below = jnp.clip(t, 0, excluded - 1).astype(np.uint16)[:, None]
+    n_le, max_le, min_gt = (x[:, 0] for x in _count_max_min(key, below))
     min_gt = jnp.where(min_gt == excluded, _LATTICE_FAR, min_gt.astype(jnp.int32))
-    le = listed_k <= t[..., None]
+    le = listed_k <= t[:, None]
     return (n_le + jnp.sum(le, axis=-1, dtype=jnp.int32),
             jnp.maximum(max_le.astype(jnp.int32), jnp.max(jnp.where(le, listed_k, 0), axis=-1)),
             jnp.minimum(min_gt, jnp.min(jnp.where(le, _LATTICE_FAR, listed_k), axis=-1)))
+  return stats
 
-  rows_shape = key.shape[:-1]
-  if metric == "surface_dice":
-    close, _, _ = stats(jnp.full(rows_shape, within, jnp.int32))
-    return {"counts": counts, "close": close}, exact
-  number, top, _ = stats(jnp.full(rows_shape, _LATTICE_FAR - 1, jnp.int32))
-  if metric == "hausdorff":
-    return {"counts": counts, "max": to_distance(top)}, exact
-  lo, hi, fraction = _order_statistics(stats, number, top, quantile,
-                                       lambda lo, hi: lo + (hi - lo) // 2)
-  at_quantile = to_distance(lo) + fraction * (to_distance(hi) - to_distance(lo))
-  return {"counts": counts, "quantile": at_quantile}, exact
+
+@functools.partial(jax.jit, static_argnames=("both", "ratios", "metric", "spatial"))
+def _lattice_statistics(surfaces, spacing, quantile, within, both, ratios, metric, spatial,
+                        counts=None):
+  """`_surface_statistics` for a spacing on an integer lattice (`_lattice_ratios`), only the
+  entries `_finish` reads for ``metric``, and whether every distance it used is exact (if not,
+  the caller runs `_surface_statistics`).
+
+  surfaces: ``(pred, target)``, (N, V) bool each, the flat surfaces of arrays of shape
+  ``spatial`` (two parameters: each `_parts` part reads them whole, not as a sliced copy);
+  within: `_within` of the tolerance; counts: the surface sizes (2, N) int32 if known
+  (counted on the host), else counted here.
+
+  Squared distances in units of ``s_min^2`` are then integers, so the window levels run in
+  small unsigned integers: the first (_LATTICE_WINDOW voxels) in uint8, certifying up to
+  ``(window + 1)^2`` (25 for isotropic voxels), a quarter of the float32 traffic. The query
+  voxels it leaves uncertified, if at most _MAX_OUTLIERS (per `_parts` part), get exact int32
+  box searches (`_outlier_search`) and are kept as a list; more run the next levels (8, 16, ...
+  voxels, the last spanning every axis) in uint16, exact up to 65534 (255 voxels). The
+  statistics read the integer values and the list, each part on its own: the quantile is an
+  integer bisection whose midpoints are the values the first level can certify. Distances are
+  ``s_min * sqrt(k)``: for unit spacing bit-equal to the float path's; otherwise within a
+  float32 rounding of it.
+  """
+  n = surfaces[0].shape[0]
+  if counts is None:
+    counts = jnp.stack([count_true(s) for s in surfaces])
+  parts = []
+  for q, f, a, b in _parts(n, both):
+    take = lambda x, a=a, b=b: x if (a, b) == (0, n) else x[a:b]
+    parts.append(_lattice_part(take(surfaces[q]), take(surfaces[f]),
+                               take(counts[f])[:, None] > 0, spacing, ratios, spatial))
+  exact = functools.reduce(jnp.logical_and, [part_exact for _, _, part_exact in parts])
+  excluded = np.iinfo(np.uint16).max
+  unit = jnp.min(spacing)
+  to_distance = lambda k: unit * jnp.sqrt(k.astype(jnp.float32))
+  by_row = lambda per_part: jnp.concatenate(per_part).reshape(-1, n)     # -> (R, N)
+  if metric == "average_surface_distance":
+    total, number = [], []
+    for key, listed_k, _ in parts:
+      _, part_total, part_number, _ = _distance_sums(to_distance(key), key != excluded, 0.0)
+      listed = listed_k < _LATTICE_FAR
+      total.append(part_total + jnp.sum(jnp.where(listed, to_distance(listed_k), 0.0), axis=-1))
+      number.append(part_number + jnp.sum(listed, axis=-1, dtype=jnp.int32))
+    return {"counts": counts, "number": by_row(number), "sum": by_row(total)}, exact
+
+  # The other metrics read integers only, each part in its own reductions (side by side).
+  out = []
+  for key, listed_k, _ in parts:
+    stats = _lattice_order_statistics(key, listed_k)
+    rows = key.shape[0]
+    if metric == "surface_dice":
+      out.append(stats(jnp.full((rows,), within, jnp.int32))[0])
+      continue
+    number, top, _ = stats(jnp.full((rows,), _LATTICE_FAR - 1, jnp.int32))
+    if metric == "hausdorff":
+      out.append(to_distance(top))
+      continue
+    candidates = _lattice_values(ratios, _LATTICE_WINDOW,
+                                 _lattice_reach(spatial, _LATTICE_WINDOW, ratios) or 254)
+    lo, hi, fraction = _order_statistics(stats, number, top, quantile,
+                                         _integer_midpoint(candidates))
+    out.append(to_distance(lo) + fraction * (to_distance(hi) - to_distance(lo)))
+  name = {"surface_dice": "close", "hausdorff": "max"}.get(metric, "quantile")
+  return {"counts": counts, name: by_row(out)}, exact
 
 
 def _within(tolerance, spacing) -> int:
@@ -717,15 +814,22 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   kernels take them flattened: XLA:CPU counted a (rows, V) parameter 8x faster than a 4-D one
   reshaped."""
   spatial = tuple(edges.shape[1:])
-  args = (edges.reshape(edges.shape[0], -1), spacing, np.float32(quantile))
+  flat = edges.reshape(edges.shape[0], -1)
   ratios = _lattice_ratios(spacing)
+  concrete = not _checks.is_traced(edges)
   float_stats = lambda: _surface_statistics(
-      *args, np.float32(tolerance), both, spatial,
-      *((None, None) if _checks.is_traced(edges) else _query_index(edges, both)))
+      flat, spacing, np.float32(quantile), np.float32(tolerance), both, spatial,
+      *(_query_index(edges, both) if concrete else (None, None)))
   if ratios is None:
     return float_stats()
-  stats, exact = _lattice_statistics(*args, np.int32(_within(tolerance, spacing)), both=both,
-                                     ratios=ratios, metric=metric, spatial=spatial)
+  n = len(flat) // 2
+  # Surface sizes from the host for concrete surfaces (NumPy's count: about 1 ms, where the
+  # kernel's took 12 ms of one core at 2 x 240 x 240 x 155).
+  counts = np.count_nonzero(flat, axis=1).reshape(2, n).astype(np.int32) if concrete else None
+  stats, exact = _lattice_statistics((flat[:n], flat[n:]), spacing, np.float32(quantile),
+                                     np.int32(_within(tolerance, spacing)), both=both,
+                                     ratios=ratios, metric=metric, spatial=spatial,
+                                     counts=counts)
   if _checks.is_traced(exact):  # also for concrete masks inside a user's jit
     return jax.lax.cond(exact, lambda: stats,
                         lambda: (lambda full: {k: full[k] for k in stats})(float_stats()))

@@ -178,7 +178,7 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
     if ratios is not None:  # the integer kernel resolves every path itself
       edges, sp = surface._prepared("test", p, t, spacing)
       assert bool(surface._lattice_statistics(
-          edges.reshape(len(edges), -1), sp, np.float32(0.95), np.int32(0), both=True,
+          tuple(edges.reshape(2, len(edges) // 2, -1)), sp, np.float32(0.95), np.int32(0), both=True,
           ratios=ratios, metric="hausdorff_quantile", spatial=edges.shape[1:])[1])
     # The integer kernel's metrics differ only in their last reductions (each checked against
     # MONAI on small arrays): HD95 (integer order statistic) and ASD (float sums) cover them here.
@@ -257,8 +257,9 @@ def test_lattice_spacings_and_their_fallback():
   pred[:, 0, 1], target[0, 299, 1], target[1, 3, 0] = True, True, True
   spacing = np.float32([1.0, 1.0])
   kwargs = {"both": True, "ratios": (1, 1), "metric": "hausdorff_quantile", "spatial": (300, 3)}
-  lattice = lambda p, t: surface._lattice_statistics(surface._edges(p, t).reshape(4, -1), spacing,
-                                                     np.float32(0.95), np.int32(0), **kwargs)
+  lattice = lambda p, t: surface._lattice_statistics(
+      tuple(surface._edges(p, t).reshape(2, 2, -1)), spacing, np.float32(0.95), np.int32(0),
+      **kwargs)
   assert not bool(lattice(pred, target)[1]) and bool(lattice(pred, pred)[1])
   for percentile in (None, 95):
     np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, percentile=percentile)),
