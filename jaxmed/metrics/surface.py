@@ -68,6 +68,7 @@ _FAR_OUTLIER_REACH = 64
 _OUTLIER_MIN_VOXELS = 64**3  # smaller arrays (per item) run the dense levels only
 _COMPACT_BLOCK = 1024  # entries per block when locating them, in at most _OUTLIER_BLOCKS blocks
 _OUTLIER_BLOCKS = 256
+_ALIGN = 64  # bytes: host buffers aligned to this reach XLA:CPU without a copy
 
 
 # --------------------------------------------------------------------------- kernels
@@ -825,7 +826,8 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   n = len(flat) // 2
   # Surface sizes from the host for concrete surfaces (NumPy's count: about 1 ms, where the
   # kernel's took 12 ms of one core at 2 x 240 x 240 x 155).
-  counts = np.count_nonzero(flat, axis=1).reshape(2, n).astype(np.int32) if concrete else None
+  counts = (np.array([np.count_nonzero(row) for row in flat], np.int32).reshape(2, n)
+            if concrete else None)
   stats, exact = _lattice_statistics((flat[:n], flat[n:]), spacing, np.float32(quantile),
                                      np.int32(_within(tolerance, spacing)), both=both,
                                      ratios=ratios, metric=metric, spatial=spatial,
@@ -931,7 +933,19 @@ def _packed_inner_boundary(*masks):
   after[..., :-1], before[..., 1:] = words[..., 1:], words[..., :-1]
   # Bits past n in the last byte are 0: voxel n - 1's neighbour outside reads as background.
   eroded &= ((words >> 1) | (after << 7)) & ((words << 1) | (before >> 7))
-  return np.unpackbits(words & ~eroded, axis=-1, count=n, bitorder="little").view(bool)
+  surfaces = _aligned_empty(words.shape[:-1] + (n,), bool)
+  surfaces[...] = np.unpackbits(words & ~eroded, axis=-1, count=n, bitorder="little").view(bool)
+  return surfaces
+
+
+def _aligned_empty(shape, dtype):
+  """An uninitialised NumPy array whose data starts on a 64-byte boundary: XLA:CPU then takes it
+  without a copy (`jax.device_put` of 2 x 240 x 240 x 155 bools: 7-11 ms -> 0.1 ms). Only for
+  buffers nothing writes to once they are passed on."""
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(size + _ALIGN, np.uint8)
+  offset = -raw.ctypes.data % _ALIGN
+  return raw[offset:offset + size].view(dtype).reshape(shape)
 
 
 def _edges(pred, target):
