@@ -26,13 +26,16 @@ axis, which is brute force and always exact) until every voxel that is asked for
 The cost thus follows the distances actually needed: about 8 shifted minima per axis for close
 surfaces, instead of scipy's sequential O(n) per line or a brute force O(n) per voxel.
 
-Integer kernel for the surface metrics: when every ``(s_a / s_min)^2`` is an integer (isotropic
-voxels at any size, or whole multiples such as 1 x 1 x 3 mm), squared distances are ``s_min^2``
-times integers, so the same windowed passes run on one byte per voxel (uint8 for the first
-window, uint16 for the wider ones, saturating), and the statistics, the quantile included, read
-those integers. The rare case it cannot certify (surfaces more than 255 voxels apart) falls back
-to the float32 kernel. On XLA:CPU this was about 4x faster than float32 at 240 x 240 x 155; the
-values are the float path's (bit-equal for unit spacing, within a float32 rounding otherwise).
+Integer kernel for the surface metrics: when the squared spacing ratios ``(s_a / s_min)^2`` are
+``c_a / c_min`` for small integers ``c`` (to a float32 rounding: isotropic voxels at any size and
+whole multiples such as 1 x 1 x 3 mm with ``c_min = 1``; ratios of short decimals such as
+0.9 x 0.9 x 1.25 mm, ``c = (324, 324, 625)``), squared distances are ``s_min^2 / c_min`` times
+integers, so the same windowed passes run on one or two bytes per voxel (uint8 for the first
+window when what it certifies fits a byte, else uint16; uint16 for the wider ones, saturating),
+and the statistics, the quantile included, read those integers. What it cannot certify
+(squared distances past 65534 units) falls back to the float32 kernel. On XLA:CPU this was
+about 4x faster than float32 at 240 x 240 x 155; the values are the float path's (bit-equal for
+unit spacing, within a float32 rounding otherwise).
 
 Concrete (non-traced) inputs are first cropped to the bounding box of ``pred | target`` plus a
 one-voxel margin (as MONAI does), rounded up to a few bucket sizes to bound recompilation. The
@@ -552,28 +555,40 @@ def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial, quer
 
 _LATTICE_WINDOW = 4
 _LATTICE_FAR = 2**30  # int32 squared distance standing for "no feature" in the outlier lists
+_LATTICE_MAX_SCALE = 2048  # largest c_min: the first level's reach, 25 c_min, fits uint16
+_LATTICE_TOLERANCE = 2.5e-7  # relative: 4 float32 roundings (ratios of decimal spacings)
 
 
 def _lattice_ratios(spacing) -> tuple[int, ...] | None:
-  """``(s_a / s_min)^2`` per axis when every one is an integer below 255 (each ``s_a`` a whole
-  multiple of the smallest: isotropic voxels, or 1 x 1 x 3 mm), so that squared distances are
-  ``s_min^2`` times integers; else None. ``spacing``: the float32 values the kernels use."""
+  """Integer coefficients ``c_a`` with ``c_a / c_min = (s_a / s_min)^2`` to within
+  _LATTICE_TOLERANCE (a float32 rounding of the spacings), the smallest ``c_min`` up to
+  _LATTICE_MAX_SCALE for which they exist, so that squared distances are ``s_min^2 / c_min``
+  times integers (`_lattice_unit`): ``(1, 1, 9)`` for 1 x 1 x 3 mm, ``(324, 324, 625)`` for
+  0.9 x 0.9 x 1.25 mm; else None. ``spacing``: the float32 values the kernels use."""
   s = np.asarray(spacing, np.float64)
   ratios = (s / s.min()) ** 2
-  if np.any(ratios != np.round(ratios)) or np.any(ratios >= 255):
-    return None
-  return tuple(int(r) for r in ratios)
+  for scale in range(1, _LATTICE_MAX_SCALE + 1):
+    c = ratios * scale
+    if np.all(np.abs(c - np.round(c)) <= _LATTICE_TOLERANCE * c):
+      c = np.round(c)
+      return tuple(int(x) for x in c) if c.max() < np.iinfo(np.uint16).max else None
+  return None
+
+
+def _lattice_unit(spacing, ratios):
+  """float32 ``s_min / sqrt(c_min)``: a distance is ``unit * sqrt(k)`` for the integer ``k``."""
+  return np.float32(np.min(spacing)) / np.sqrt(np.float32(min(ratios)))
 
 
 def _lattice_reach(spatial, window, ratios):
-  """`_certified_reach` in units of ``s_min^2``: ``min_a (window + 1)^2 r_a`` over the axes the
-  window does not span; None when it spans every axis."""
+  """`_certified_reach` in lattice units (`_lattice_ratios`): ``min_a (window + 1)^2 c_a`` over
+  the axes the window does not span; None when it spans every axis."""
   reach = [(window + 1) ** 2 * r for n, r in zip(spatial, ratios) if window < n - 1]
   return min(reach) if reach else None
 
 
 def _lattice_squares(ratios):
-  """int32 ``t^2 r_a``: squared offsets in units of ``s_min^2``."""
+  """int32 ``t^2 c_a``: squared offsets in lattice units."""
   return _Squares(lambda a, t: t * t * ratios[a], _LATTICE_FAR, jnp.int32,
                   lambda spatial, window: _lattice_reach(spatial, window, ratios))
 
@@ -628,12 +643,19 @@ def _integer_midpoint(candidates):
   return midpoint
 
 
+def _first_level_dtype(spatial, ratios):
+  """uint8 when what the first window level certifies fits a byte (``c_min = 1``), else
+  uint16."""
+  reach = _lattice_reach(spatial, _LATTICE_WINDOW, ratios)
+  return np.uint8 if reach is not None and reach < np.iinfo(np.uint8).max else np.uint16
+
+
 def _lattice_part(query, features, searchable, spacing, ratios, spatial):
   """One `_parts` part of `_lattice_statistics`: the integer squared distances of its query
   voxels and its list of outliers.
 
   query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
-  is not empty. Returns ``key`` (rows, V) uint16 (the squared distance in units of ``s_min^2``
+  is not empty. Returns ``key`` (rows, V) uint16 (the squared distance in lattice units
   where a query voxel's is certified, 65535 elsewhere), ``listed_k`` (rows, K) int32 (the
   outliers resolved by box searches, K = _MAX_OUTLIERS, _LATTICE_FAR where an entry is not
   the row's), and whether every query voxel is certified.
@@ -659,7 +681,7 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial):
                                  query, spacing)
     return k, jnp.int32(limit), uncertified
 
-  k, limit, uncertified = at_window(_LATTICE_WINDOW, np.uint8)
+  k, limit, uncertified = at_window(_LATTICE_WINDOW, _first_level_dtype(spatial, ratios))
   none = (jnp.zeros((_MAX_OUTLIERS, 1 + len(spatial)), jnp.int32),
           jnp.full((_MAX_OUTLIERS,), _LATTICE_FAR, jnp.int32), jnp.ones((_MAX_OUTLIERS,), bool))
   if np.prod(spatial) >= _OUTLIER_MIN_VOXELS:
@@ -715,7 +737,7 @@ def _lattice_order_statistics(key, listed_k):
 
 
 @functools.partial(jax.jit, static_argnames=("both", "ratios", "metric", "spatial"))
-def _lattice_statistics(surfaces, spacing, quantile, within, both, ratios, metric, spatial,
+def _lattice_statistics(surfaces, spacing, unit, quantile, within, both, ratios, metric, spatial,
                         counts=None):
   """`_surface_statistics` for a spacing on an integer lattice (`_lattice_ratios`), only the
   entries `_finish` reads for ``metric``, and whether every distance it used is exact (if not,
@@ -723,18 +745,19 @@ def _lattice_statistics(surfaces, spacing, quantile, within, both, ratios, metri
 
   surfaces: ``(pred, target)``, (N, V) bool each, the flat surfaces of arrays of shape
   ``spatial`` (two parameters: each `_parts` part reads them whole, not as a sliced copy);
-  within: `_within` of the tolerance; counts: the surface sizes (2, N) int32 if known
+  unit: `_lattice_unit`; within: `_within` of the tolerance; counts: the surface sizes (2, N) int32 if known
   (counted on the host), else counted here.
 
-  Squared distances in units of ``s_min^2`` are then integers, so the window levels run in
-  small unsigned integers: the first (_LATTICE_WINDOW voxels) in uint8, certifying up to
-  ``(window + 1)^2`` (25 for isotropic voxels), a quarter of the float32 traffic. The query
+  Squared distances in units of ``s_min^2 / c_min`` are then integers, so the window levels
+  run in small unsigned integers: the first (_LATTICE_WINDOW voxels) in uint8 (``c_min = 1``)
+  or uint16, certifying up to ``(window + 1)^2 c_min`` (25 for isotropic voxels), a quarter or a
+  half of the float32 traffic. The query
   voxels it leaves uncertified, if at most _MAX_OUTLIERS (per `_parts` part), get exact int32
   box searches (`_outlier_search`) and are kept as a list; more run the next levels (8, 16, ...
   voxels, the last spanning every axis) in uint16, exact up to 65534 (255 voxels). The
   statistics read the integer values and the list, each part on its own: the quantile is an
   integer bisection whose midpoints are the values the first level can certify. Distances are
-  ``s_min * sqrt(k)``: for unit spacing bit-equal to the float path's; otherwise within a
+  ``unit * sqrt(k)``: for unit spacing bit-equal to the float path's; otherwise within a
   float32 rounding of it.
   """
   n = surfaces[0].shape[0]
@@ -747,7 +770,6 @@ def _lattice_statistics(surfaces, spacing, quantile, within, both, ratios, metri
                                take(counts[f])[:, None] > 0, spacing, ratios, spatial))
   exact = functools.reduce(jnp.logical_and, [part_exact for _, _, part_exact in parts])
   excluded = np.iinfo(np.uint16).max
-  unit = jnp.min(spacing)
   to_distance = lambda k: unit * jnp.sqrt(k.astype(jnp.float32))
   by_row = lambda per_part: jnp.concatenate(per_part).reshape(-1, n)     # -> (R, N)
   if metric == "average_surface_distance":
@@ -771,8 +793,9 @@ def _lattice_statistics(surfaces, spacing, quantile, within, both, ratios, metri
     if metric == "hausdorff":
       out.append(to_distance(top))
       continue
-    candidates = _lattice_values(ratios, _LATTICE_WINDOW,
-                                 _lattice_reach(spatial, _LATTICE_WINDOW, ratios) or 254)
+    candidates = _lattice_values(ratios, _LATTICE_WINDOW, min(
+        _lattice_reach(spatial, _LATTICE_WINDOW, ratios) or np.inf,
+        np.iinfo(_first_level_dtype(spatial, ratios)).max - 1))
     lo, hi, fraction = _order_statistics(stats, number, top, quantile,
                                          _integer_midpoint(candidates))
     out.append(to_distance(lo) + fraction * (to_distance(hi) - to_distance(lo)))
@@ -780,10 +803,10 @@ def _lattice_statistics(surfaces, spacing, quantile, within, both, ratios, metri
   return {"counts": counts, name: by_row(out)}, exact
 
 
-def _within(tolerance, spacing) -> int:
-  """The largest integer ``k`` with ``s_min * sqrt(k) <= tolerance`` in float32, as the lattice
+def _within(tolerance, unit) -> int:
+  """The largest integer ``k`` with ``unit * sqrt(k) <= tolerance`` in float32, as the lattice
   kernel computes distances (so that its surface Dice counts exactly the float comparison)."""
-  unit, tolerance = np.float32(np.min(spacing)), np.float32(tolerance)
+  unit, tolerance = np.float32(unit), np.float32(tolerance)
   lo, hi = 0, _LATTICE_FAR  # unit * sqrt(0) = 0 <= tolerance; search the last k that passes
   while lo < hi:
     mid = (lo + hi + 1) // 2
@@ -828,8 +851,9 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   # kernel's took 12 ms of one core at 2 x 240 x 240 x 155).
   counts = (np.array([np.count_nonzero(row) for row in flat], np.int32).reshape(2, n)
             if concrete else None)
-  stats, exact = _lattice_statistics((flat[:n], flat[n:]), spacing, np.float32(quantile),
-                                     np.int32(_within(tolerance, spacing)), both=both,
+  unit = _lattice_unit(spacing, ratios)
+  stats, exact = _lattice_statistics((flat[:n], flat[n:]), spacing, unit, np.float32(quantile),
+                                     np.int32(_within(tolerance, unit)), both=both,
                                      ratios=ratios, metric=metric, spatial=spatial,
                                      counts=counts)
   if _checks.is_traced(exact):  # also for concrete masks inside a user's jit

@@ -102,7 +102,8 @@ def test_average_surface_distance_and_surface_dice_match_monai(shape, spacing):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spacing", [None, (1.0, 1.3)])  # integer kernel, float32 kernel
+# Integer kernel (c_min = 1, uint8 first level), rational lattice (uint16), float32 kernel.
+@pytest.mark.parametrize("spacing", [None, (1.0, 1.3), (1.0, 1.27)])
 def test_empty_mask_convention(spacing):
   empty, blob = np.zeros((1, 8, 8), bool), np.zeros((1, 8, 8), bool)
   blob[0, 2:5, 3:6] = True
@@ -141,7 +142,8 @@ def test_jit_path_equals_cropped_eager_path():
   np.testing.assert_allclose(eager, ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spacing", [(1.0, 0.8, 1.6), (1.0, 1.0, 2.0)])  # float, lattice
+# float32 kernel; rational lattice c = (25, 16, 64) (uint16 first level); integer (uint8).
+@pytest.mark.parametrize("spacing", [(1.0, 0.81, 1.6), (1.0, 0.8, 1.6), (1.0, 1.0, 2.0)])
 def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spacing):
   """The paths after the first window level (4 voxels), on both kernels (float32 for a general
   spacing, small integers for one on an integer lattice): a few uncertified voxels searched in
@@ -151,7 +153,7 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
   the dense levels); an empty target next to them. Every metric equals MONAI's, the EDT
   scipy's."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
-  assert (surface._lattice_ratios(np.float32(spacing)) is None) == (spacing[1] == 0.8)
+  assert (surface._lattice_ratios(np.float32(spacing)) is None) == (spacing[1] == 0.81)
   shape = (80, 72, 64)
   grid = np.indices(shape)
   ball = lambda c, r: sum((g - x) ** 2 for g, x in zip(grid, c)) <= r**2
@@ -175,10 +177,13 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
   for items in ([0, 3], [1], [4], [2]):
     p, t = pred[items], target[items]
     known = [i for i, k in enumerate(items) if k != 3]
-    if ratios is not None:  # the integer kernel resolves every path itself
+    # The integer kernel resolves every path itself; a rational lattice (c_min = 16: uint16
+    # holds 255 / 4 voxels) may leave the farthest voxels to the float kernel.
+    if ratios is not None and (min(ratios) == 1 or items != [2]):
       edges, sp = surface._prepared("test", p, t, spacing)
       assert bool(surface._lattice_statistics(
-          tuple(edges.reshape(2, len(edges) // 2, -1)), sp, np.float32(0.95), np.int32(0), both=True,
+          tuple(edges.reshape(2, len(edges) // 2, -1)), sp, surface._lattice_unit(sp, ratios),
+          np.float32(0.95), np.int32(0), both=True,
           ratios=ratios, metric="hausdorff_quantile", spatial=edges.shape[1:])[1])
     # The integer kernel's metrics differ only in their last reductions (each checked against
     # MONAI on small arrays): HD95 (integer order statistic) and ASD (float sums) cover them here.
@@ -229,16 +234,24 @@ def test_host_boundary_equals_the_traced_one(shape):
 
 def test_lattice_spacings_and_their_fallback():
   """Spacings whose squared ratios are integers (isotropic at any scale, 1 x 1 x 3, 0.5 x 1.5)
-  run the integer kernel; it equals MONAI, and where it cannot be exact (surfaces more than 255
-  voxels apart: squared distances past uint16) it says so and the float kernel answers."""
+  or ratios of small integers (0.9 x 0.9 x 1.25, 1 x 1.2) run the integer kernel; it equals
+  MONAI, and where it cannot be exact (surfaces more than 255 voxels apart: squared distances
+  past uint16) it says so and the float kernel answers."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
   assert surface._lattice_ratios(np.float32([1.0, 1.0, 3.0])) == (1, 1, 9)
   assert surface._lattice_ratios(np.float32([0.5, 1.5])) == (1, 9)
   assert surface._lattice_ratios(np.float32([0.7, 0.7, 0.7])) == (1, 1, 1)
-  assert surface._lattice_ratios(np.float32([1.0, 1.2])) is None
+  # Ratios of short decimals: squared distances are s_min^2 / c_min times integers.
+  assert surface._lattice_ratios(np.float32([1.0, 1.2])) == (25, 36)
+  assert surface._lattice_ratios(np.float32([0.9, 0.9, 1.25])) == (324, 324, 625)
+  assert (surface._lattice_unit(np.float32([0.9, 0.9, 1.25]), (324, 324, 625))
+          == np.float32(0.9) / np.float32(18))                  # s_min / sqrt(c_min)
+  assert surface._lattice_ratios(np.float32([1.0, 1.27])) is None  # no c_min <= 2048
+  assert surface._lattice_ratios(np.float32([1.0, 0.81, 1.6])) is None
   rng = np.random.default_rng(11)
   for shape, spacing in (((19, 14), (0.5, 1.5)), ((9, 12, 11), (1.0, 1.0, 3.0)),
-                         ((9, 12, 11), (0.7, 0.7, 0.7)), ((30, 20), (2.0, 2.0))):
+                         ((9, 12, 11), (0.7, 0.7, 0.7)), ((30, 20), (2.0, 2.0)),
+                         ((9, 12, 11), (0.9, 0.9, 1.25)), ((19, 14), (1.0, 1.2))):
     pred, target = _edge_cases(rng, shape)
     for percentile in (None, 95):
       ours = np.asarray(hausdorff_distance(pred, target, percentile=percentile, spacing=spacing))
@@ -259,8 +272,8 @@ def test_lattice_spacings_and_their_fallback():
   spacing = np.float32([1.0, 1.0])
   kwargs = {"both": True, "ratios": (1, 1), "metric": "hausdorff_quantile", "spatial": (300, 3)}
   lattice = lambda p, t: surface._lattice_statistics(
-      tuple(surface._edges(p, t).reshape(2, 2, -1)), spacing, np.float32(0.95), np.int32(0),
-      **kwargs)
+      tuple(surface._edges(p, t).reshape(2, 2, -1)), spacing, np.float32(1.0),
+      np.float32(0.95), np.int32(0), **kwargs)
   assert not bool(lattice(pred, target)[1]) and bool(lattice(pred, pred)[1])
   for percentile in (None, 95):
     np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, percentile=percentile)),
