@@ -650,15 +650,25 @@ def _first_level_dtype(spatial, ratios):
   return np.uint8 if reach is not None and reach < np.iinfo(np.uint8).max else np.uint16
 
 
-def _lattice_part(query, features, searchable, spacing, ratios, spatial):
-  """One `_parts` part of `_lattice_statistics`: the integer squared distances of its query
-  voxels and its list of outliers.
+def _key_dtype(ratios):
+  """The wider levels' (and the statistics') integer type: uint16 for ``c_min = 1`` (exact up to
+  255 voxels, where the float kernel takes over), uint32 otherwise (uint16 would hold only
+  ``255 / sqrt(c_min)`` voxels: 14 for 0.9 x 0.9 x 1.25 mm, and far surfaces would then run
+  both kernels)."""
+  return np.uint16 if min(ratios) == 1 else np.uint32
+
+
+def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish):
+  """One `_parts` part of `_lattice_statistics`: ``finish(key, listed_k)`` of the integer
+  squared distances of its query voxels and its list of outliers, and whether every query
+  voxel is certified.
 
   query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
-  is not empty. Returns ``key`` (rows, V) uint16 (the squared distance in lattice units
-  where a query voxel's is certified, 65535 elsewhere), ``listed_k`` (rows, K) int32 (the
-  outliers resolved by box searches, K = _MAX_OUTLIERS, _LATTICE_FAR where an entry is not
-  the row's), and whether every query voxel is certified.
+  is not empty. ``key``: (rows, V) unsigned, the squared distance in lattice units where a
+  query voxel's is certified, the type's largest value elsewhere (uint16 after the first level;
+  `_key_dtype` after the wider ones, each branch then finishing on its own); ``listed_k``:
+  (rows, K) int32, the outliers resolved by box searches (K = _MAX_OUTLIERS), _LATTICE_FAR
+  where an entry is not the row's.
   """
   rows = query.shape[0]
   features = features.reshape((rows,) + spatial)
@@ -667,19 +677,20 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial):
     """(squared distances, the limit up to which they are exact, uncertified (rows, V))."""
     far = np.iinfo(dtype).max
     k = jnp.where(features, dtype(0), dtype(far))
+    cap = min(far, _LATTICE_FAR)  # int32 costs; past _LATTICE_FAR nothing is certified anyway
     passes = [functools.partial(
         _window_min, axis=axis, window=min(window, size - 1), far=far,
-        cost=lambda t, r=r: jnp.minimum(jnp.asarray(t, jnp.int32) ** 2 * r, far).astype(dtype))
+        cost=lambda t, r=r: jnp.minimum(jnp.asarray(t, jnp.int32) ** 2 * r, cap).astype(dtype))
               for axis, (size, r) in enumerate(zip(spatial, ratios), start=1)]
     for window_pass in passes[:-1]:
       k = window_pass(k)
     k = _computed_once(passes[-1], k, spacing)   # read by several passes: computed once
     reach = _lattice_reach(spatial, window, ratios)
-    limit = far - 1 if reach is None else min(reach, far - 1)
+    limit = min(far - 1, _LATTICE_FAR - 1, np.inf if reach is None else reach)
     # An item whose features are empty has nothing to certify: its query voxels drop out.
     uncertified = _computed_once(lambda q: q & searchable & (k.reshape(rows, -1) > limit),
                                  query, spacing)
-    return k, jnp.int32(limit), uncertified
+    return k, jnp.asarray(limit, dtype), uncertified
 
   k, limit, uncertified = at_window(_LATTICE_WINDOW, _first_level_dtype(spatial, ratios))
   none = (jnp.zeros((_MAX_OUTLIERS, 1 + len(spatial)), jnp.int32),
@@ -698,37 +709,44 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial):
     (coords, far_k, ok), listed = none, jnp.bool_(False)
 
   def dense_levels():
-    """The uint16 levels after the first, until every query voxel is certified."""
+    """The `_key_dtype` levels after the first, until every query voxel is certified."""
     levels = _window_levels(spatial)[1:] or [max(spatial) - 1]
     level = lambda w: (lambda k, limit, unc: (k, limit, jnp.sum(count_true(unc)) == 0))(
-        *at_window(w, np.uint16))
+        *at_window(w, key_dtype))
     k, limit, done = level(levels[0])
     for window in levels[1:]:
       k, limit, done = jax.lax.cond(done, lambda s: s, lambda s, w=window: level(w),
                                     (k, limit, done))
     return k, limit, done
 
-  excluded = np.iinfo(np.uint16).max
-  as_key = lambda k, limit: jnp.where(query & searchable & (k.reshape(rows, -1) <= limit),
-                                      k.reshape(rows, -1).astype(np.uint16), np.uint16(excluded))
-  key, exact = jax.lax.cond((count == 0) | listed, lambda: (as_key(k, limit), jnp.bool_(True)),
-                            lambda: (lambda k, limit, done: (as_key(k, limit), done))(
-                                *dense_levels()))
+  key_dtype = _key_dtype(ratios)
+  as_key = lambda k, limit, dtype: jnp.where(
+      query & searchable & (k.reshape(rows, -1) <= limit), k.reshape(rows, -1).astype(dtype),
+      dtype(np.iinfo(dtype).max))
+  first = lambda: as_key(k, limit, np.uint16)            # the first level certifies < 65535
+  dense = lambda: (lambda k, limit, done: (as_key(k, limit, key_dtype), done))(*dense_levels())
+  done_first = (count == 0) | listed
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
-  return key, jnp.where(listed, far_k, _LATTICE_FAR), exact
+  listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
+  if key_dtype == np.uint16:  # one key type: the statistics traced once
+    key, exact = jax.lax.cond(done_first, lambda: (first(), jnp.bool_(True)), dense)
+    return finish(key, listed_k), exact
+  return jax.lax.cond(done_first, lambda: (finish(first(), listed_k), jnp.bool_(True)),
+                      lambda: (lambda key, done: (finish(key, listed_k), done))(*dense()))
 
 
 def _lattice_order_statistics(key, listed_k):
   """stats(t) of `_order_statistics` for one `_lattice_part`: per row, over its key and listed
   values, ``#{k <= t}``, ``max{k <= t}`` (0 if none) and ``min{k > t}`` (_LATTICE_FAR if none),
   int32, for int32 thresholds ``t`` (rows,)."""
-  excluded = np.iinfo(np.uint16).max
+  excluded = np.iinfo(key.dtype).max
 
   def stats(t):
-    below = jnp.clip(t, 0, excluded - 1).astype(np.uint16)[:, None]
+    below = jnp.clip(t, 0, min(excluded - 1, _LATTICE_FAR)).astype(key.dtype)[:, None]
     n_le, max_le, min_gt = (x[:, 0] for x in _count_max_min(key, below))
-    min_gt = jnp.where(min_gt == excluded, _LATTICE_FAR, min_gt.astype(jnp.int32))
+    min_gt = jnp.where(min_gt == key.dtype.type(excluded), _LATTICE_FAR,
+                       min_gt.astype(jnp.int32))
     le = listed_k <= t[:, None]
     return (n_le + jnp.sum(le, axis=-1, dtype=jnp.int32),
             jnp.maximum(max_le.astype(jnp.int32), jnp.max(jnp.where(le, listed_k, 0), axis=-1)),
@@ -763,44 +781,43 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, within, both, ratios,
   n = surfaces[0].shape[0]
   if counts is None:
     counts = jnp.stack([count_true(s) for s in surfaces])
+  to_distance = lambda k: unit * jnp.sqrt(k.astype(jnp.float32))
+  candidates = _lattice_values(ratios, _LATTICE_WINDOW, min(
+      _lattice_reach(spatial, _LATTICE_WINDOW, ratios) or np.inf,
+      np.iinfo(_first_level_dtype(spatial, ratios)).max - 1))
+
+  def finish(key, listed_k):
+    """One part's per-row outputs of ``metric`` from its key and listed outliers."""
+    if metric == "average_surface_distance":
+      excluded = key.dtype.type(np.iinfo(key.dtype).max)
+      _, total, number, _ = _distance_sums(to_distance(key), key != excluded, 0.0)
+      listed = listed_k < _LATTICE_FAR
+      return (total + jnp.sum(jnp.where(listed, to_distance(listed_k), 0.0), axis=-1),
+              number + jnp.sum(listed, axis=-1, dtype=jnp.int32))
+    # The other metrics read integers only.
+    stats = _lattice_order_statistics(key, listed_k)
+    rows = key.shape[0]
+    if metric == "surface_dice":
+      return (stats(jnp.full((rows,), within, jnp.int32))[0],)
+    number, top, _ = stats(jnp.full((rows,), _LATTICE_FAR - 1, jnp.int32))
+    if metric == "hausdorff":
+      return (to_distance(top),)
+    lo, hi, fraction = _order_statistics(stats, number, top, quantile,
+                                         _integer_midpoint(candidates))
+    return (to_distance(lo) + fraction * (to_distance(hi) - to_distance(lo)),)
+
+  # Each part in its own passes and reductions (side by side).
   parts = []
   for q, f, a, b in _parts(n, both):
     take = lambda x, a=a, b=b: x if (a, b) == (0, n) else x[a:b]
     parts.append(_lattice_part(take(surfaces[q]), take(surfaces[f]),
-                               take(counts[f])[:, None] > 0, spacing, ratios, spatial))
-  exact = functools.reduce(jnp.logical_and, [part_exact for _, _, part_exact in parts])
-  excluded = np.iinfo(np.uint16).max
-  to_distance = lambda k: unit * jnp.sqrt(k.astype(jnp.float32))
-  by_row = lambda per_part: jnp.concatenate(per_part).reshape(-1, n)     # -> (R, N)
+                               take(counts[f])[:, None] > 0, spacing, ratios, spatial, finish))
+  exact = functools.reduce(jnp.logical_and, [part_exact for _, part_exact in parts])
+  by_row = lambda i: jnp.concatenate([out[i] for out, _ in parts]).reshape(-1, n)  # (R, N)
   if metric == "average_surface_distance":
-    total, number = [], []
-    for key, listed_k, _ in parts:
-      _, part_total, part_number, _ = _distance_sums(to_distance(key), key != excluded, 0.0)
-      listed = listed_k < _LATTICE_FAR
-      total.append(part_total + jnp.sum(jnp.where(listed, to_distance(listed_k), 0.0), axis=-1))
-      number.append(part_number + jnp.sum(listed, axis=-1, dtype=jnp.int32))
-    return {"counts": counts, "number": by_row(number), "sum": by_row(total)}, exact
-
-  # The other metrics read integers only, each part in its own reductions (side by side).
-  out = []
-  for key, listed_k, _ in parts:
-    stats = _lattice_order_statistics(key, listed_k)
-    rows = key.shape[0]
-    if metric == "surface_dice":
-      out.append(stats(jnp.full((rows,), within, jnp.int32))[0])
-      continue
-    number, top, _ = stats(jnp.full((rows,), _LATTICE_FAR - 1, jnp.int32))
-    if metric == "hausdorff":
-      out.append(to_distance(top))
-      continue
-    candidates = _lattice_values(ratios, _LATTICE_WINDOW, min(
-        _lattice_reach(spatial, _LATTICE_WINDOW, ratios) or np.inf,
-        np.iinfo(_first_level_dtype(spatial, ratios)).max - 1))
-    lo, hi, fraction = _order_statistics(stats, number, top, quantile,
-                                         _integer_midpoint(candidates))
-    out.append(to_distance(lo) + fraction * (to_distance(hi) - to_distance(lo)))
+    return {"counts": counts, "sum": by_row(0), "number": by_row(1)}, exact
   name = {"surface_dice": "close", "hausdorff": "max"}.get(metric, "quantile")
-  return {"counts": counts, name: by_row(out)}, exact
+  return {"counts": counts, name: by_row(0)}, exact
 
 
 def _within(tolerance, unit) -> int:
