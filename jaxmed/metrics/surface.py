@@ -72,6 +72,7 @@ _OUTLIER_MIN_VOXELS = 64**3  # smaller arrays (per item) run the dense levels on
 _COMPACT_BLOCK = 1024  # entries per block when locating them, in at most _OUTLIER_BLOCKS blocks
 _OUTLIER_BLOCKS = 256
 _ALIGN = 64  # bytes: host buffers aligned to this reach XLA:CPU without a copy
+_PARALLEL_MIN_VOXELS = 100**3  # per item: from here on the kernels run in two parts (`_parts`)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -501,26 +502,44 @@ def _distance_sums(dist, valid, tolerance):
   return largest, total, number, close
 
 
-def _directions(edges, both, spatial):
-  """``(counts, features, query)`` of the kernels' flat (2N, V) surfaces ``edges`` (pred then
-  target) of arrays of shape ``spatial``: the surface sizes (2, N), and per direction row (pred
-  -> target, then target -> pred if ``both``) the surface searched and the one asked about,
-  (R N, *spatial) bool each."""
-  n = edges.shape[0] // 2
-  counts = count_true(edges.reshape(2, n, -1))
-  edges = edges.reshape((2 * n,) + spatial)
-  edge_pred, edge_target = edges[:n], edges[n:]
-  features = jnp.concatenate([edge_target, edge_pred]) if both else edge_target
-  return counts, features, edges if both else edge_pred
+def _parts(n: int, both: bool, spatial):
+  """The kernels' independent parts, each ``(query, features)``: the pieces of the surfaces it
+  asks about and searches, ``(side, start, stop)`` each (side 0 = pred, 1 = target, items
+  ``start:stop``), concatenated (`_pieces`); the parts' query rows in order make up the
+  direction rows (pred -> target, then target -> pred if ``both``).
+
+  XLA:CPU runs each loop fusion on one thread, but independent ones side by side: from
+  _PARALLEL_MIN_VOXELS voxels per item on, two parts (the two directions, or the two halves of
+  the batch) keep two cores busy (at 240 x 240 x 155 the window passes took 59-63 ms in two
+  chains against 93 ms in one), and each part reads a surface parameter whole, not a
+  concatenated copy. Smaller arrays run one part: a second would compile the kernel twice
+  over (1.6-2x the compile time) for a few milliseconds."""
+  directions = [((0, 0, n), (1, 0, n))] + ([((1, 0, n), (0, 0, n))] if both else [])
+  if np.prod(spatial) < _PARALLEL_MIN_VOXELS:
+    return [([q for q, _ in directions], [f for _, f in directions])]
+  if both:
+    return [([q], [f]) for q, f in directions]
+  if n >= 2:
+    return [([(0, a, b)], [(1, a, b)]) for a, b in ((0, n // 2), (n // 2, n))]
+  return [([(0, 0, n)], [(1, 0, n)])]
+
+
+def _pieces(arrays, pieces):
+  """``arrays[side][start:stop]`` of each piece, concatenated along the first axis (the array
+  itself for one piece covering it)."""
+  taken = [arrays[side] if (start, stop) == (0, arrays[side].shape[0])
+           else arrays[side][start:stop] for side, start, stop in pieces]
+  return taken[0] if len(taken) == 1 else jnp.concatenate(taken)
 
 
 @functools.partial(jax.jit, static_argnames=("both", "spatial"))
-def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial, query_index=None,
+def _surface_statistics(surfaces, spacing, quantile, tolerance, both, spatial, query_index=None,
                         query_count=None):
   """Every per-direction statistic the public metrics need, from one distance computation.
 
-  edges: (2N, V) bool, the surfaces of pred then target, flattened (`_edges`), of arrays of
-  shape ``spatial``; spacing: (d,) float32; quantile: float32 in [0, 1], or
+  surfaces: ``(pred, target)``, (N, V) bool each, the flat surfaces (`_edges`) of arrays of
+  shape ``spatial``, each `_parts` part's distances computed on its own (side by side on
+  XLA:CPU); spacing: (d,) float32; quantile: float32 in [0, 1], or
   negative to skip the (costlier) quantile; tolerance: float32.  ``both`` adds the
   target -> pred direction.  Returns a dict of (R, N) arrays, R = 2 if ``both`` else 1 (row 0 is
   pred -> target): ``max``, ``quantile``, ``sum``, ``number`` and ``close`` (distances <=
@@ -532,16 +551,24 @@ def _surface_statistics(edges, spacing, quantile, tolerance, both, spatial, quer
   instead of every voxel (the quantile's passes over the whole float32 array took ~34 ms each at
   2 x 240 x 240 x 155); None reads every voxel.
   """
-  n = edges.shape[0] // 2
-  counts, features, query = _directions(edges, both, spatial)
-  squared = _squared_edt(features, query, spacing)
-  if query_index is None:
-    dist = jnp.sqrt(squared).reshape(-1, n, edges.shape[1])
-    valid = query.reshape(dist.shape)
-  else:
-    picked = jnp.take_along_axis(squared.reshape(query_index.shape[0], -1), query_index, axis=1)
-    dist = jnp.sqrt(picked).reshape(-1, n, query_index.shape[1])
-    valid = (jnp.arange(query_index.shape[1]) < query_count[:, None]).reshape(dist.shape)
+  n = surfaces[0].shape[0]
+  counts = jnp.stack([count_true(s) for s in surfaces])
+  dist, valid, start = [], [], 0
+  for query, features in _parts(n, both, spatial):
+    query, features = _pieces(surfaces, query), _pieces(surfaces, features)
+    rows = query.shape[0]
+    squared = _squared_edt(features.reshape((rows,) + spatial),
+                           query.reshape((rows,) + spatial), spacing).reshape(rows, -1)
+    if query_index is None:
+      dist.append(jnp.sqrt(squared))
+      valid.append(query)
+    else:
+      index = query_index[start:start + rows]
+      dist.append(jnp.sqrt(jnp.take_along_axis(squared, index, axis=1)))
+      valid.append(jnp.arange(index.shape[1]) < query_count[start:start + rows, None])
+    start += rows
+  dist = jnp.concatenate(dist).reshape(-1, n, dist[0].shape[-1])
+  valid = jnp.concatenate(valid).reshape(dist.shape)
   largest, total, number, close = _distance_sums(dist, valid, tolerance)
   at_quantile = jax.lax.cond(
       quantile >= 0,
@@ -605,21 +632,6 @@ def _computed_once(fn, x, runtime):
   return jax.lax.fori_loop(0, trips, lambda i, y: fn(y), x)
 
 
-def _parts(n: int, both: bool):
-  """The lattice kernel's independent parts: ``(query side, feature side, start, stop)`` each,
-  sides 0 = pred and 1 = target, items ``start:stop``; their query rows in order make up the
-  direction rows (pred -> target, then target -> pred if ``both``).
-
-  XLA:CPU runs each loop fusion on one thread, but independent ones side by side: two parts
-  (the two directions, or the two halves of the batch) keep two cores busy. At
-  240 x 240 x 155 the window passes took 59-63 ms in two chains against 93 ms in one."""
-  if both:
-    return [(0, 1, 0, n), (1, 0, 0, n)]
-  if n >= 2:
-    return [(0, 1, 0, n // 2), (0, 1, n // 2, n)]
-  return [(0, 1, 0, n)]
-
-
 def _lattice_values(ratios, window, limit):
   """Sorted int32 values ``sum_a t_a^2 r_a <= limit`` over ``0 <= t_a <= window``: every squared
   distance a window level of that size certifies (the bisection's candidate midpoints)."""
@@ -651,7 +663,7 @@ def _first_level_dtype(spatial, ratios):
 
 
 def _key_dtype(ratios):
-  """The wider levels' (and the statistics') integer type: uint16 for ``c_min = 1`` (exact up to
+  """The wider levels' and the statistics' integer type: uint16 for ``c_min = 1`` (exact up to
   255 voxels, where the float kernel takes over), uint32 otherwise (uint16 would hold only
   ``255 / sqrt(c_min)`` voxels: 14 for 0.9 x 0.9 x 1.25 mm, and far surfaces would then run
   both kernels)."""
@@ -664,9 +676,9 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   voxel is certified.
 
   query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
-  is not empty. ``key``: (rows, V) unsigned, the squared distance in lattice units where a
-  query voxel's is certified, the type's largest value elsewhere (uint16 after the first level;
-  `_key_dtype` after the wider ones, each branch then finishing on its own); ``listed_k``:
+  is not empty. ``key``: (rows, V) `_key_dtype` (uint16 after the first level of a large
+  array), the squared distance in lattice units where a query voxel's is certified, the type's
+  largest value elsewhere; ``listed_k``:
   (rows, K) int32, the outliers resolved by box searches (K = _MAX_OUTLIERS), _LATTICE_FAR
   where an entry is not the row's.
   """
@@ -723,17 +735,21 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   as_key = lambda k, limit, dtype: jnp.where(
       query & searchable & (k.reshape(rows, -1) <= limit), k.reshape(rows, -1).astype(dtype),
       dtype(np.iinfo(dtype).max))
-  first = lambda: as_key(k, limit, np.uint16)            # the first level certifies < 65535
   dense = lambda: (lambda k, limit, done: (as_key(k, limit, key_dtype), done))(*dense_levels())
   done_first = (count == 0) | listed
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
   listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
-  if key_dtype == np.uint16:  # one key type: the statistics traced once
-    key, exact = jax.lax.cond(done_first, lambda: (first(), jnp.bool_(True)), dense)
+  if key_dtype == np.uint16 or np.prod(spatial) < _PARALLEL_MIN_VOXELS:
+    # One key type for both branches: the statistics compile once.
+    key, exact = jax.lax.cond(done_first, lambda: (as_key(k, limit, key_dtype), jnp.bool_(True)),
+                              dense)
     return finish(key, listed_k), exact
-  return jax.lax.cond(done_first, lambda: (finish(first(), listed_k), jnp.bool_(True)),
-                      lambda: (lambda key, done: (finish(key, listed_k), done))(*dense()))
+  # Large arrays at c_min > 1: the first level's key in uint16 (it certifies less than 65535),
+  # each branch finishing on its own (a uint32 key cost 20 of 95 ms at 240 x 240 x 155).
+  return jax.lax.cond(
+      done_first, lambda: (finish(as_key(k, limit, np.uint16), listed_k), jnp.bool_(True)),
+      lambda: (lambda key, done: (finish(key, listed_k), done))(*dense()))
 
 
 def _lattice_order_statistics(key, listed_k):
@@ -808,10 +824,10 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, within, both, ratios,
 
   # Each part in its own passes and reductions (side by side).
   parts = []
-  for q, f, a, b in _parts(n, both):
-    take = lambda x, a=a, b=b: x if (a, b) == (0, n) else x[a:b]
-    parts.append(_lattice_part(take(surfaces[q]), take(surfaces[f]),
-                               take(counts[f])[:, None] > 0, spacing, ratios, spatial, finish))
+  for query, features in _parts(n, both, spatial):
+    parts.append(_lattice_part(_pieces(surfaces, query), _pieces(surfaces, features),
+                               _pieces(counts, features)[:, None] > 0, spacing, ratios, spatial,
+                               finish))
   exact = functools.reduce(jnp.logical_and, [part_exact for _, part_exact in parts])
   by_row = lambda i: jnp.concatenate([out[i] for out, _ in parts]).reshape(-1, n)  # (R, N)
   if metric == "average_surface_distance":
@@ -858,12 +874,12 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   flat = edges.reshape(edges.shape[0], -1)
   ratios = _lattice_ratios(spacing)
   concrete = not _checks.is_traced(edges)
+  n = len(flat) // 2
   float_stats = lambda: _surface_statistics(
-      flat, spacing, np.float32(quantile), np.float32(tolerance), both, spatial,
+      (flat[:n], flat[n:]), spacing, np.float32(quantile), np.float32(tolerance), both, spatial,
       *(_query_index(edges, both) if concrete else (None, None)))
   if ratios is None:
     return float_stats()
-  n = len(flat) // 2
   # Surface sizes from the host for concrete surfaces (NumPy's count: about 1 ms, where the
   # kernel's took 12 ms of one core at 2 x 240 x 240 x 155).
   counts = (np.array([np.count_nonzero(row) for row in flat], np.int32).reshape(2, n)

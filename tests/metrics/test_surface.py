@@ -218,6 +218,34 @@ def test_edt_past_the_first_window():
                                        for m in mask]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 2.0), (0.9, 0.9, 1.25), (1.0, 0.81, 1.6)])
+def test_two_parts_match_monai(monkeypatch, spacing):
+  """Large arrays run each direction (or each half of the batch) as an independent part
+  (`_parts`): forced here on a small array (a shape no other test compiles), on the integer,
+  rational-lattice and float32 kernels, every metric, directed and symmetric, equals MONAI's."""
+  from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(surface, "_PARALLEL_MIN_VOXELS", 1)
+  assert len(surface._parts(12, False, (11, 9, 7))) == len(surface._parts(12, True, ())) == 2
+  rng = np.random.default_rng(21)
+  pred, target = _edge_cases(rng, (11, 9, 7))
+  pred[0, 1:4, 2:5, 1:3] = True                                   # a speck off the target
+  known = pred.reshape(12, -1).any(1) == target.reshape(12, -1).any(1)
+  for percentile, directed in ((None, False), (95, False), (None, True)):
+    np.testing.assert_allclose(
+        np.asarray(hausdorff_distance(pred, target, percentile=percentile, spacing=spacing,
+                                      directed=directed))[known],
+        _monai(compute_hausdorff_distance, pred, target, spacing, percentile=percentile,
+               directed=directed)[known], rtol=1e-5)
+  for symmetric in (False, True):
+    np.testing.assert_allclose(
+        np.asarray(average_surface_distance(pred, target, spacing=spacing, symmetric=symmetric)),
+        _monai(compute_average_surface_distance, pred, target, spacing, symmetric=symmetric),
+        rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(surface_dice(pred, target, tolerance=1.5, spacing=spacing)),
+      _monai(compute_surface_dice, pred, target, spacing, class_thresholds=[1.5]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(3, 1), (2, 9), (2, 16), (2, 7, 13), (2, 5, 1, 17), (1, 4, 6, 8)])
 def test_host_boundary_equals_the_traced_one(shape):
   """Concrete masks get their surfaces on the host, bit-packed; traced ones in JAX. Equal on
