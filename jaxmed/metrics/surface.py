@@ -287,10 +287,11 @@ def _resolve_outliers(g, features, uncertified, spacing, count):
   return jax.lax.cond(few, search, lambda g: (g, jnp.bool_(False)), g)
 
 
-def _squared_edt(features, query, spacing):
+def _squared_edt(features, query, spacing, has_feature=None):
   """Squared Euclidean distance to the nearest ``features`` voxel, exact wherever ``query``.
 
-  features, query: (N, *spatial) bool.  spacing: (d,) float32, one per spatial axis.  Returns
+  features, query: (N, *spatial) bool.  spacing: (d,) float32, one per spatial axis.
+  has_feature: (N,) bool, whether each item has a feature, if known (else counted).  Returns
   (N, *spatial) float32, ``_FAR`` or more where an item has no feature; values outside
   ``query`` may be upper bounds.
 
@@ -303,7 +304,8 @@ def _squared_edt(features, query, spacing):
   start = jnp.where(features, 0.0, _FAR).astype(jnp.float32)
   # An item with no feature has nothing to certify: its distances stay _FAR (inf).
   # count_true, not jnp.any: XLA:CPU's boolean reductions took 80 ms at 2 x 240 x 240 x 155.
-  has_feature = count_true(features.reshape(features.shape[0], -1)) > 0
+  if has_feature is None:
+    has_feature = count_true(features.reshape(features.shape[0], -1)) > 0
   query = query & has_feature.reshape((-1,) + (1,) * len(spatial))
 
   rows = features.shape[0]
@@ -449,16 +451,16 @@ def _window_distances(spacing, window):
   return jnp.sqrt(jnp.sort(total.reshape(-1)))
 
 
-def _candidate_midpoint(candidates):
+def _candidate_midpoint(candidates, fallback=_float_midpoint):
   """A bisection midpoint that is a ``candidates`` value (sorted) in ``[lo, hi)`` where one
-  exists, else the float midpoint: values mostly come from a small known set (the first window
-  level's `_window_distances`), so the bisection ends after log2(its size) passes (7) instead of
-  log2(range / gap) (about 25)."""
+  exists, else ``fallback(lo, hi)``: values mostly come from a small known set (the first window
+  level's `_window_distances`, or `_lattice_values` for integers), so the bisection ends after
+  log2(its size) passes (7) instead of log2(range / gap) (about 25)."""
   def midpoint(lo, hi):
     i = jnp.searchsorted(candidates, lo, side="left")
     j = jnp.searchsorted(candidates, hi, side="left")
     inside = candidates[jnp.clip((i + j) // 2, 0, candidates.shape[0] - 1)]
-    return jnp.where(i < j, inside, _float_midpoint(lo, hi))
+    return jnp.where(i < j, inside, fallback(lo, hi))
   return midpoint
 
 
@@ -524,6 +526,13 @@ def _parts(n: int, both: bool, spatial):
   return [([(0, 0, n)], [(1, 0, n)])]
 
 
+def _surface_counts(surfaces, counts=None):
+  """(2, N) int32: the surface sizes of pred and target, ``counts`` when given (counted on the
+  host for concrete surfaces: NumPy's count took about 1 ms at 2 x 240 x 240 x 155, the
+  kernel's 12 ms of one core), else counted here."""
+  return jnp.stack([count_true(s) for s in surfaces]) if counts is None else counts
+
+
 def _pieces(arrays, pieces):
   """``arrays[side][start:stop]`` of each piece, concatenated along the first axis (the array
   itself for one piece covering it)."""
@@ -534,7 +543,7 @@ def _pieces(arrays, pieces):
 
 @functools.partial(jax.jit, static_argnames=("both", "spatial"))
 def _surface_statistics(surfaces, spacing, quantile, tolerance, both, spatial, query_index=None,
-                        query_count=None):
+                        query_count=None, counts=None):
   """Every per-direction statistic the public metrics need, from one distance computation.
 
   surfaces: ``(pred, target)``, (N, V) bool each, the flat surfaces (`_edges`) of arrays of
@@ -549,16 +558,17 @@ def _surface_statistics(surfaces, spacing, quantile, tolerance, both, spatial, q
   query_index, query_count: (R N, C) int32 and (R N,) int32 (`_query_index`, concrete inputs):
   each query row's surface voxels, so that the statistics read those ``C`` distances per row
   instead of every voxel (the quantile's passes over the whole float32 array took ~34 ms each at
-  2 x 240 x 240 x 155); None reads every voxel.
+  2 x 240 x 240 x 155); None reads every voxel. counts: `_surface_counts`, or None.
   """
   n = surfaces[0].shape[0]
-  counts = jnp.stack([count_true(s) for s in surfaces])
+  counts = _surface_counts(surfaces, counts)
   dist, valid, start = [], [], 0
-  for query, features in _parts(n, both, spatial):
-    query, features = _pieces(surfaces, query), _pieces(surfaces, features)
+  for query, features_at in _parts(n, both, spatial):
+    query, features = _pieces(surfaces, query), _pieces(surfaces, features_at)
     rows = query.shape[0]
     squared = _squared_edt(features.reshape((rows,) + spatial),
-                           query.reshape((rows,) + spatial), spacing).reshape(rows, -1)
+                           query.reshape((rows,) + spatial), spacing,
+                           _pieces(counts, features_at) > 0).reshape(rows, -1)
     if query_index is None:
       dist.append(jnp.sqrt(squared))
       valid.append(query)
@@ -643,16 +653,11 @@ def _lattice_values(ratios, window, limit):
   return jnp.asarray(values[values <= limit], jnp.int32)
 
 
-def _integer_midpoint(candidates):
-  """`_candidate_midpoint` for integers: a ``candidates`` value in ``[lo, hi)`` where one
-  exists (the first window level's `_lattice_values`: about log2(23) passes instead of
-  log2(range)), else ``lo + (hi - lo) // 2``."""
-  def midpoint(lo, hi):
-    i = jnp.searchsorted(candidates, lo, side="left")
-    j = jnp.searchsorted(candidates, hi, side="left")
-    inside = candidates[jnp.clip((i + j) // 2, 0, candidates.shape[0] - 1)]
-    return jnp.where(i < j, inside, lo + (hi - lo) // 2)
-  return midpoint
+def _level_limit(spatial, window, ratios, dtype) -> int:
+  """The largest lattice value a window level in ``dtype`` (saturating at its maximum)
+  certifies: `_lattice_reach`, capped below the type's maximum and _LATTICE_FAR."""
+  reach = _lattice_reach(spatial, window, ratios)
+  return int(min(np.iinfo(dtype).max - 1, _LATTICE_FAR - 1, np.inf if reach is None else reach))
 
 
 def _first_level_dtype(spatial, ratios):
@@ -697,8 +702,7 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
     for window_pass in passes[:-1]:
       k = window_pass(k)
     k = _computed_once(passes[-1], k, spacing)   # read by several passes: computed once
-    reach = _lattice_reach(spatial, window, ratios)
-    limit = min(far - 1, _LATTICE_FAR - 1, np.inf if reach is None else reach)
+    limit = _level_limit(spatial, window, ratios, dtype)
     # An item whose features are empty has nothing to certify: its query voxels drop out.
     uncertified = _computed_once(lambda q: q & searchable & (k.reshape(rows, -1) > limit),
                                  query, spacing)
@@ -779,8 +783,8 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, within, both, ratios,
 
   surfaces: ``(pred, target)``, (N, V) bool each, the flat surfaces of arrays of shape
   ``spatial`` (two parameters: each `_parts` part reads them whole, not as a sliced copy);
-  unit: `_lattice_unit`; within: `_within` of the tolerance; counts: the surface sizes (2, N) int32 if known
-  (counted on the host), else counted here.
+  unit: `_lattice_unit`; within: `_within` of the tolerance; counts: `_surface_counts`, or
+  None.
 
   Squared distances in units of ``s_min^2 / c_min`` are then integers, so the window levels
   run in small unsigned integers: the first (_LATTICE_WINDOW voxels) in uint8 (``c_min = 1``)
@@ -795,12 +799,10 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, within, both, ratios,
   float32 rounding of it.
   """
   n = surfaces[0].shape[0]
-  if counts is None:
-    counts = jnp.stack([count_true(s) for s in surfaces])
+  counts = _surface_counts(surfaces, counts)
   to_distance = lambda k: unit * jnp.sqrt(k.astype(jnp.float32))
-  candidates = _lattice_values(ratios, _LATTICE_WINDOW, min(
-      _lattice_reach(spatial, _LATTICE_WINDOW, ratios) or np.inf,
-      np.iinfo(_first_level_dtype(spatial, ratios)).max - 1))
+  candidates = _lattice_values(ratios, _LATTICE_WINDOW, _level_limit(
+      spatial, _LATTICE_WINDOW, ratios, _first_level_dtype(spatial, ratios)))
 
   def finish(key, listed_k):
     """One part's per-row outputs of ``metric`` from its key and listed outliers."""
@@ -819,7 +821,8 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, within, both, ratios,
     if metric == "hausdorff":
       return (to_distance(top),)
     lo, hi, fraction = _order_statistics(stats, number, top, quantile,
-                                         _integer_midpoint(candidates))
+                                         _candidate_midpoint(
+                                             candidates, lambda lo, hi: lo + (hi - lo) // 2))
     return (to_distance(lo) + fraction * (to_distance(hi) - to_distance(lo)),)
 
   # Each part in its own passes and reductions (side by side).
@@ -875,15 +878,13 @@ def _statistics(edges, spacing, quantile, tolerance, both, metric):
   ratios = _lattice_ratios(spacing)
   concrete = not _checks.is_traced(edges)
   n = len(flat) // 2
+  counts = (np.array([np.count_nonzero(row) for row in flat], np.int32).reshape(2, n)
+            if concrete else None)                                       # `_surface_counts`
   float_stats = lambda: _surface_statistics(
       (flat[:n], flat[n:]), spacing, np.float32(quantile), np.float32(tolerance), both, spatial,
-      *(_query_index(edges, both) if concrete else (None, None)))
+      *(_query_index(edges, both) if concrete else (None, None)), counts=counts)
   if ratios is None:
     return float_stats()
-  # Surface sizes from the host for concrete surfaces (NumPy's count: about 1 ms, where the
-  # kernel's took 12 ms of one core at 2 x 240 x 240 x 155).
-  counts = (np.array([np.count_nonzero(row) for row in flat], np.int32).reshape(2, n)
-            if concrete else None)
   unit = _lattice_unit(spacing, ratios)
   stats, exact = _lattice_statistics((flat[:n], flat[n:]), spacing, unit, np.float32(quantile),
                                      np.int32(_within(tolerance, unit)), both=both,
