@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from monai.metrics import (compute_average_surface_distance, compute_hausdorff_distance,
                            compute_surface_dice)
 
+from helpers import OPTIMIZED
+
 from jaxmed.metrics import (average_surface_distance, distance_transform_edt, hausdorff_distance,
                             surface_dice)
 
@@ -144,16 +146,16 @@ def test_jit_path_equals_cropped_eager_path():
 
 # float32 kernel; rational lattice c = (25, 16, 64) (uint16 first level); integer (uint8).
 @pytest.mark.parametrize("spacing", [(1.0, 0.81, 1.6), (1.0, 0.8, 1.6), (1.0, 1.0, 2.0)])
-def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spacing):
+def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(monkeypatch, spacing):
   """The paths after the first window level (4 voxels), on both kernels (float32 for a general
   spacing, small integers for one on an integer lattice): a few uncertified voxels searched in
   boxes around them (a false-positive speck 9 voxels off); a small speck beyond the first box
   reach (30 mm: searched again in wider boxes); a larger one there (more voxels than the wider
   search takes: the dense levels run); many far voxels (more than _MAX_OUTLIERS: straight to
-  the dense levels); an empty target next to them. Every metric equals MONAI's, the EDT
-  scipy's."""
+  the dense levels); each beside an empty target. Every metric equals MONAI's."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
-  assert (surface._lattice_ratios(np.float32(spacing)) is None) == (spacing[1] == 0.81)
+  ratios = surface._lattice_ratios(np.float32(spacing))
+  assert (ratios is None) == (spacing[1] == 0.81)
   shape = (80, 72, 64)
   grid = np.indices(shape)
   ball = lambda c, r: sum((g - x) ** 2 for g, x in zip(grid, c)) <= r**2
@@ -166,43 +168,48 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(spaci
   pred[4, 44:48, 3:7, 4:7] = True                              # there too, 44 surface voxels
   pred[2] = _blobs(np.random.default_rng(5), shape, 1, sigma=2.0, level=0.0)[0]  # far and many
   target[3] = False                                            # empty target: inf
+  # Item 3's corners make every call's crop the whole array: one shape, one compile per kernel.
+  pred[3, 0, 0, 0] = pred[3, -1, -1, -1] = True
   assert surface._MAX_OUTLIERS < int(pred[2].sum())
   assert surface._FAR_OUTLIERS < 44 and surface._OUTLIER_REACH * 0.8 < 28
-  cropped, _ = surface._crop_to_union(pred[:1], target[:1])
-  assert surface._OUTLIER_MIN_VOXELS <= np.prod(cropped.shape[1:])
-  assert max(cropped.shape[1:]) > 2 * surface._OUTLIER_REACH + 1
-  # One call per path (the outlier count is the whole batch's): the near speck with the empty
-  # target, the far specks, the many far voxels.
-  ratios = surface._lattice_ratios(np.float32(spacing))
-  for items in ([0, 3], [1], [4], [2]):
-    p, t = pred[items], target[items]
-    known = [i for i, k in enumerate(items) if k != 3]
+  assert surface._OUTLIER_MIN_VOXELS <= np.prod(shape) and max(shape) > 2 * surface._OUTLIER_REACH + 1
+  if ratios is not None:
+    # Compiled as users get it (`helpers.OPTIMIZED`): at the suite's -O0 each call ran ~0.9 s.
+    monkeypatch.setattr(surface, "_lattice_statistics", jax.jit(
+        surface._lattice_statistics.__wrapped__, compiler_options=OPTIMIZED,
+        static_argnames=("both", "ratios", "metric", "spatial")))
     # The integer kernel resolves every path itself (a rational lattice's wider levels in
-    # uint32: uint16 would hold 255 / 4 voxels here).
+    # uint32: uint16 would hold 255 / 4 voxels here): the float kernel must not run.
+    def no_float_kernel(*args, **kwargs):
+      raise AssertionError("the integer kernel fell back to the float32 kernel")
+    monkeypatch.setattr(surface, "_surface_statistics", no_float_kernel)
+  # One call per path (the outlier count is the whole batch's): the near speck, the far specks,
+  # the many far voxels; each with the empty target.
+  monai = lambda fn, p, t, **kw: _monai(fn, p[:1], t[:1], spacing, **kw)
+  for item in (0, 1, 4, 2):
+    p, t = pred[[item, 3]], target[[item, 3]]
+    hd95 = monai(compute_hausdorff_distance, p, t, percentile=95)
+    asd = monai(compute_average_surface_distance, p, t, symmetric=True)
     if ratios is not None:
+      # The integer kernel's metrics differ only in their last reductions (each checked against
+      # MONAI on small arrays): HD95 (integer order statistic) and ASD (float sums) cover them.
+      ours = {"hd95": hausdorff_distance(p, t, percentile=95, spacing=spacing),
+              "asd": average_surface_distance(p, t, spacing=spacing, symmetric=True)}
+      expected = {"hd95": hd95, "asd": asd}
+    else:
+      # The float32 kernel computes every metric's statistics in one run: one run per path,
+      # finished as `hausdorff_distance` & co. finish it.
       edges, sp = surface._prepared("test", p, t, spacing)
-      assert bool(surface._lattice_statistics(
-          tuple(edges.reshape(2, len(edges) // 2, -1)), sp, surface._lattice_unit(sp, ratios),
-          np.float32(0.95), np.int32(0), both=True,
-          ratios=ratios, metric="hausdorff_quantile", spatial=edges.shape[1:])[1])
-    # The integer kernel's metrics differ only in their last reductions (each checked against
-    # MONAI on small arrays): HD95 (integer order statistic) and ASD (float sums) cover them here.
-    percentiles = (95,) if ratios else (None, 95) if items != [2] else (None,)  # [2]: dense
-    for percentile in percentiles:
-      ours = np.asarray(hausdorff_distance(p, t, percentile=percentile, spacing=spacing))
-      ref = _monai(compute_hausdorff_distance, p[known], t[known], spacing,
-                   percentile=percentile)
-      np.testing.assert_allclose(ours[known], ref, rtol=1e-6)
-      assert np.all(np.isinf(np.delete(ours, known)))
-    np.testing.assert_allclose(
-        np.asarray(average_surface_distance(p, t, spacing=spacing, symmetric=True))[known],
-        _monai(compute_average_surface_distance, p[known], t[known], spacing, symmetric=True),
-        rtol=1e-5)
-    if ratios is None:
-      np.testing.assert_allclose(
-          np.asarray(surface_dice(p, t, tolerance=2.0, spacing=spacing))[known],
-          _monai(compute_surface_dice, p[known], t[known], spacing, class_thresholds=[2.0]),
-          rtol=1e-6)
+      stats = surface._statistics(edges, sp, 0.95, 2.0, True, "hausdorff")
+      ours = {m: surface._finish(stats, m) for m in ("hausdorff", "hausdorff_quantile",
+                                                     "average_surface_distance", "surface_dice")}
+      expected = {"hausdorff": monai(compute_hausdorff_distance, p, t), "hausdorff_quantile": hd95,
+                  "average_surface_distance": asd,
+                  "surface_dice": monai(compute_surface_dice, p, t, class_thresholds=[2.0])}
+    for metric, value in ours.items():
+      value = np.asarray(value)
+      np.testing.assert_allclose(value[:1], expected[metric], rtol=1e-5, err_msg=metric)
+      assert value[1] == (0.0 if metric == "surface_dice" else np.inf), metric
 
 
 def test_edt_past_the_first_window():
@@ -277,23 +284,29 @@ def test_lattice_spacings_and_their_fallback():
   assert surface._lattice_ratios(np.float32([1.0, 1.27])) is None  # no c_min <= 2048
   assert surface._lattice_ratios(np.float32([1.0, 0.81, 1.6])) is None
   rng = np.random.default_rng(11)
-  for shape, spacing in (((19, 14), (0.5, 1.5)), ((9, 12, 11), (1.0, 1.0, 3.0)),
-                         ((9, 12, 11), (0.7, 0.7, 0.7)), ((30, 20), (2.0, 2.0)),
-                         ((9, 12, 11), (0.9, 0.9, 1.25)), ((19, 14), (1.0, 1.2))):
+  # HD95 (the integer order statistic) on every spacing, the other metrics in turn (each of the
+  # kernel's metrics compiles on its own).
+  others = ("hausdorff", "average_surface_distance", "surface_dice") * 2
+  for (shape, spacing), other in zip((((19, 14), (0.5, 1.5)), ((9, 12, 11), (1.0, 1.0, 3.0)),
+                                      ((9, 12, 11), (0.7, 0.7, 0.7)), ((30, 20), (2.0, 2.0)),
+                                      ((9, 12, 11), (0.9, 0.9, 1.25)), ((19, 14), (1.0, 1.2))),
+                                     others):
     pred, target = _edge_cases(rng, shape)
-    for percentile in (None, 95):
+    known = pred.reshape(len(pred), -1).any(1) == target.reshape(len(pred), -1).any(1)
+    for percentile in (95,) if other != "hausdorff" else (None, 95):
       ours = np.asarray(hausdorff_distance(pred, target, percentile=percentile, spacing=spacing))
       ref = _monai(compute_hausdorff_distance, pred, target, spacing, percentile=percentile)
-      known = pred.reshape(len(pred), -1).any(1) == target.reshape(len(pred), -1).any(1)
       np.testing.assert_allclose(ours[known], ref[known], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        np.asarray(average_surface_distance(pred, target, spacing=spacing, symmetric=True)),
-        _monai(compute_average_surface_distance, pred, target, spacing, symmetric=True),
-        rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        np.asarray(surface_dice(pred, target, tolerance=1.6, spacing=spacing)),
-        _monai(compute_surface_dice, pred, target, spacing, class_thresholds=[1.6]),
-        rtol=1e-5, atol=1e-6)
+    if other == "average_surface_distance":
+      np.testing.assert_allclose(
+          np.asarray(average_surface_distance(pred, target, spacing=spacing, symmetric=True)),
+          _monai(compute_average_surface_distance, pred, target, spacing, symmetric=True),
+          rtol=1e-5, atol=1e-6)
+    if other == "surface_dice":
+      np.testing.assert_allclose(
+          np.asarray(surface_dice(pred, target, tolerance=1.6, spacing=spacing)),
+          _monai(compute_surface_dice, pred, target, spacing, class_thresholds=[1.6]),
+          rtol=1e-5, atol=1e-6)
   # 299 voxels apart: k = 89401 does not fit uint16, so the integer kernel is not exact.
   pred, target = np.zeros((2, 300, 3), bool), np.zeros((2, 300, 3), bool)
   pred[:, 0, 1], target[0, 299, 1], target[1, 3, 0] = True, True, True

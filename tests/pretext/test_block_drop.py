@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import OPTIMIZED
+
 from jaxmed.pretext.block_drop import block_sides, drop_blocks, random_block_drop
 
 SHAPE = (24, 24, 24)
@@ -29,13 +31,14 @@ def numpy_patch_rand_drop(rng, shape, max_drop=0.3, max_block=0.25, tolerance=0.
 
 @functools.lru_cache(maxsize=None)
 def _drop_fn(**kwargs):
-  return jax.jit(lambda key, x, r: drop_blocks(key, x, r, **kwargs))
+  return jax.jit(lambda key, x, r: drop_blocks(key, x, r, **kwargs),
+                 compiler_options=OPTIMIZED)
 
 
 def test_dropped_fraction_matches_the_reference_loop():
   n = 256
   images = np.zeros((n, *SHAPE, 1), np.float32)
-  out, mask = jax.jit(drop_blocks)(jax.random.PRNGKey(0), images)
+  out, mask = jax.jit(drop_blocks, compiler_options=OPTIMIZED)(jax.random.PRNGKey(0), images)
   frac = np.asarray(mask).mean(axis=(1, 2, 3))
   rng = np.random.default_rng(0)
   ref = np.array([numpy_patch_rand_drop(rng, SHAPE).mean() for _ in range(n)])
@@ -86,7 +89,7 @@ def test_aug_rand_pastes_other_samples_after_the_noise():
   n = 8
   images = np.broadcast_to(10.0 + np.arange(n, dtype=np.float32)[:, None, None, None, None],
                            (n, *SHAPE, 1)).copy()
-  fn = jax.jit(random_block_drop)
+  fn = jax.jit(random_block_drop, compiler_options=OPTIMIZED)
   out, mask = fn(jax.random.PRNGKey(4), images)
   out, mask = np.asarray(out)[..., 0], np.asarray(mask)
   pasted = 0
