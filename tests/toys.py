@@ -209,7 +209,7 @@ def toy_config(name: str, **overrides):
 def main(argv):
   from jaxmed.train import trainer  # pylint: disable=g-import-not-at-top
   name, workdir, total_steps = argv[1], argv[2], int(argv[3])
-  config = toy_config(name, total_steps=total_steps, **{"checkpoint.every": 10})
+  config = toy_config(name, total_steps=total_steps, **{"checkpoint.every": 20})
   trainer.train(config, workdir, train_data=toy_arrays(), progress=False)
 
 

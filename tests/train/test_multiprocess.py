@@ -27,7 +27,7 @@ def _start_two_processes(workdir, total_steps, data_flags):
       [sys.executable, "-m", "jaxmed.cli", "train", "--config", "restoration",
        "--workdir", str(workdir), "--noprogress", "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-       *tiny_flags(), "--config.checkpoint.every=10", "--config.tensorboard=False",
+       *tiny_flags(), "--config.checkpoint.every=20", "--config.tensorboard=False",
        f"--config.total_steps={total_steps}", *data_flags],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
   return procs
