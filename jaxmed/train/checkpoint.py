@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging as pylogging
 import os
 import signal
 import sys
@@ -60,11 +61,45 @@ class CheckpointRestoreError(RuntimeError):
     self.failures = tuple(failures)
 
 
+def _write_replicated_arrays_whole() -> None:
+  """In a single-process job, orbax writes each replicated array whole, not in replica slices.
+
+  orbax's default (off only when ``JAX_PLATFORMS`` names a GPU) splits a replicated array into
+  one slice per replica so that several hosts share its writing. With one process, that process
+  writes every slice anyway, and each slice of each array on each local device is a small jitted
+  ``slice`` (compiled once per shape and device, dispatched at every save). A tiny Swin-UNETR
+  train state (303 arrays) on 4 CPU devices: first save 5.6 -> 1.8 s, later saves 1.1-1.3 ->
+  0.6 s. Multi-process jobs keep orbax's default. This sets orbax's process-wide handler for
+  ``jax.Array`` (the same handler otherwise: its array metadata store included).
+  """
+  global _WHOLE_ARRAYS
+  if _WHOLE_ARRAYS or jax.process_count() > 1:
+    return
+  try:
+    from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                             use_replica_parallel=False)
+  except (ImportError, AttributeError, TypeError):  # private API of orbax: keep its default
+    return
+  absl_logger = pylogging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(pylogging.ERROR)  # orbax warns that it overrides a handler
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logger.setLevel(level)
+  _WHOLE_ARRAYS = True
+
+
+_WHOLE_ARRAYS = False  # whether `_write_replicated_arrays_whole` has set orbax's handler
+
+
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints of a run; asynchronous saves; restores the latest."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    _write_replicated_arrays_whole()
     self.skipped: list[SkippedCheckpoint] = []  # filled by `restore`
     # Processes reach this point up to minutes apart (one builds a shared data cache, another
     # compiles under load), but the first collective (orbax's directory sync) opens the gloo

@@ -133,6 +133,30 @@ def test_checkpointer_refuses_nonfinite_state(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.isdigit()]
 
 
+def test_single_process_saves_replicated_arrays_whole(tmp_path):
+  """One process writes every replica slice anyway: orbax's jax.Array handler then writes each
+  array whole (no jitted slice per shape and local device), with its array metadata; a
+  replicated array on 4 devices saves and restores."""
+  import optax
+  import orbax.checkpoint as ocp
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  assert handler._use_replica_parallel is False and handler._array_metadata_store is not None
+  mesh = sharding.make_mesh({"num_devices": 4})
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(TrainState.create(
+      variables={"params": {"w": jnp.arange(12.0).reshape(4, 3)}},
+      optimizer=optim.GroupedOptimizer((optim.ParamGroup(
+          "default", ".*", optax.sgd(0.1), optax.constant_schedule(0.1)),)),
+      rng=jax.random.PRNGKey(0)), replicated)
+  ckpt.save(1, state, force=True)
+  ckpt.wait()
+  restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+  np.testing.assert_array_equal(restored.params["w"], np.arange(12.0).reshape(4, 3))
+  assert restored.params["w"].sharding.is_equivalent_to(replicated, 2)
+  ckpt.close()
+
+
 @pytest.mark.parametrize("processes", [1, 2])  # host check; on-device reduction (several)
 def test_finiteness_check_sees_every_state_part(processes, monkeypatch):
   import optax
