@@ -120,12 +120,17 @@ def test_run_aborts_after_consecutive_nonfinite_steps(tiny_config, tiny_arrays, 
     trainer.train(tiny_config, str(tmp_path), train_data=arrays, progress=False)
 
 
-def test_checkpointer_refuses_nonfinite_state(tmp_path):
+def _sgd_state(w):
+  """A train state of one parameter ``w`` under SGD."""
   import optax
-  state = TrainState.create(variables={"params": {"w": jnp.array([1.0, jnp.nan])}},
-                            optimizer=optim.GroupedOptimizer((optim.ParamGroup(
-                                "default", ".*", optax.sgd(0.1), optax.constant_schedule(0.1)),)),
-                            rng=jax.random.PRNGKey(0))
+  return TrainState.create(variables={"params": {"w": w}},
+                           optimizer=optim.GroupedOptimizer((optim.ParamGroup(
+                               "default", ".*", optax.sgd(0.1), optax.constant_schedule(0.1)),)),
+                           rng=jax.random.PRNGKey(0))
+
+
+def test_checkpointer_refuses_nonfinite_state(tmp_path):
+  state = _sgd_state(jnp.array([1.0, jnp.nan]))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   with pytest.raises(checkpoint.NonFiniteCheckpointError, match="step 3"):
     ckpt.save(3, state)
@@ -137,18 +142,13 @@ def test_single_process_saves_replicated_arrays_whole(tmp_path):
   """One process writes every replica slice anyway: orbax's jax.Array handler then writes each
   array whole (no jitted slice per shape and local device), with its array metadata; a
   replicated array on 4 devices saves and restores."""
-  import optax
   import orbax.checkpoint as ocp
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   assert handler._use_replica_parallel is False and handler._array_metadata_store is not None
   mesh = sharding.make_mesh({"num_devices": 4})
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(TrainState.create(
-      variables={"params": {"w": jnp.arange(12.0).reshape(4, 3)}},
-      optimizer=optim.GroupedOptimizer((optim.ParamGroup(
-          "default", ".*", optax.sgd(0.1), optax.constant_schedule(0.1)),)),
-      rng=jax.random.PRNGKey(0)), replicated)
+  state = jax.device_put(_sgd_state(jnp.arange(12.0).reshape(4, 3)), replicated)
   ckpt.save(1, state, force=True)
   ckpt.wait()
   restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
