@@ -535,10 +535,6 @@ class Study:
     self.keys = [*args.disruptions, "all", "all_nocmcl", "mae"] + (
         ["swin_ssl"] if args.swin_ssl else [])
     self.by_config, self.pretrained, self.finetuned = {}, {}, {}
-    # Per task, the compiled test predictor (sliding windows) of its first fine-tuned network:
-    # every row of a task fine-tunes the same network, so later rows reuse it instead of
-    # tracing and loading it again.
-    self.predictors = {}
     split = self.splits[ABLATION_TASK]
     self.log(f"pre-training: {len(self.pretrain_subjects)} subjects {tuple(args.shape)} x "
              f"{len(self.base.data.modalities)} modalities, {self.crop}^3 crops, "
@@ -585,8 +581,9 @@ class Study:
       result = finetune_lib.finetune(
           config, workdir, pretrained=None if run is None else encoder_source(run),
           splits={**splits, "test": []}, progress=False)
-      predict = self.predictors.setdefault(
-          task, evaluators.segmentation_predictor(result.method)[1])
+      # The rows of a task fine-tune one config: they share its method, and so its compiled
+      # sliding-window predictor (`jaxmed.train.programs`).
+      predict = evaluators.segmentation_predictor(result.method)[1]
       scores = crossval.surface_scores(result.method, result.tested_variables, splits["test"],
                                        predict=predict)
       self.finetuned[memo] = {"scores": scores, "variables": result.tested_variables,

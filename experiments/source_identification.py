@@ -147,8 +147,7 @@ def make_configs(args, pathology: str):
 def pretrain(config, split, workdir) -> dict:
   """Pre-trained variables of ``config.method`` on the split's training slices (no labels)."""
   arrays = datasets.slice_view(split["train"], min_foreground=float(config.data.min_foreground))
-  result = trainer.train(config, workdir, method=get_method(config), train_data=arrays,
-                         progress=False)
+  result = trainer.train(config, workdir, train_data=arrays, progress=False)
   return jax.device_get(result.state.variables)
 
 

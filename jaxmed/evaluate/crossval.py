@@ -26,7 +26,6 @@ import numpy as np
 from jaxmed.data import datasets
 from jaxmed.evaluate import compare, evaluators, finetune as finetune_lib
 from jaxmed.metrics import average_surface_distance, dice, hausdorff_distance
-from jaxmed.methods.segmentation import SegmentationMethod
 
 
 def kfold_splits(subjects, *, folds: int, num_val: int, seed: int) -> list[dict]:
@@ -143,7 +142,7 @@ def cross_validate(config, workdir: str, *, progress: bool = True) -> CrossValRe
   subjects = datasets.load_subjects(config.data)
   held = datasets.split_subjects(subjects, num_val=0, num_test=int(config.data.num_test),
                                  seed=int(config.seed))
-  method = SegmentationMethod(config)
+  method = finetune_lib.segmentation_method(config)  # the folds' (shared) method
   probabilities = _probabilities(method)
   fold_results, fold_variables = [], []
   for k, split in enumerate(kfold_splits(held["train"], folds=folds,

@@ -72,9 +72,16 @@ def window_probabilities(method, *, roi_size, overlap: float = 0.5, mode: str = 
 
 def window_predictor(method, **window):
   """Jitted ``(variables, volumes) -> (N, *spatial, R)`` bool: `window_probabilities` then
-  ``method.decide`` (the ``"3d"`` ``predict`` of `predict_volume`)."""
-  probabilities = window_probabilities(method, **window)
-  return jax.jit(lambda variables, volumes: method.decide(probabilities(variables, volumes)))
+  ``method.decide`` (the ``"3d"`` ``predict`` of `predict_volume`). Made once per method
+  object and settings (like ``jitted_predict``), so that the evaluations of runs sharing a
+  method (`jaxmed.train.programs`) trace it once."""
+  made = method.__dict__.setdefault("_window_predictors", {})
+  key = tuple(sorted(window.items()))
+  if key not in made:
+    probabilities = window_probabilities(method, **window)
+    made[key] = jax.jit(lambda variables, volumes: method.decide(probabilities(variables,
+                                                                              volumes)))
+  return made[key]
 
 
 def window_settings(method, fields=None) -> dict:

@@ -22,6 +22,7 @@ from jaxmed.evaluate import evaluators
 from jaxmed.evaluate.evaluators import evaluate_subjects
 from jaxmed.methods.segmentation import SegmentationMethod
 from jaxmed.train import init as init_lib
+from jaxmed.train import programs as programs_lib
 from jaxmed.train import trainer
 
 @dataclasses.dataclass
@@ -66,6 +67,15 @@ class EarlyStopping:
     return bool(self.patience) and step >= self.min_steps and self.since_best >= self.patience
 
 
+def segmentation_method(config) -> SegmentationMethod:
+  """``config``'s `SegmentationMethod`: for a "segmentation" config the one its runs in this
+  process share (`jaxmed.train.programs`: the rows of a table, the folds of a cross-validation
+  fine-tune one config and so share compiled programs), else a new one."""
+  if config.get("method") == SegmentationMethod.name:
+    return programs_lib.shared_method(config)
+  return SegmentationMethod(config)
+
+
 def finetune(config, workdir: str, *, pretrained: dict | None = None,
              splits: dict | None = None, progress: bool = True) -> FinetuneResult:
   """Fine-tunes (or, without pre-trained weights, trains from scratch) and tests.
@@ -90,7 +100,7 @@ def finetune(config, workdir: str, *, pretrained: dict | None = None,
   labeled = datasets.labeled_subset(splits["train"], num_labeled=int(ft.num_labeled),
                                     label_fraction=float(ft.label_fraction),
                                     seed=int(config.seed))
-  method = SegmentationMethod(config)
+  method = segmentation_method(config)
   init = None
   if pretrained is not None:
     init = init_lib.initializer(config.init, pretrained=pretrained)

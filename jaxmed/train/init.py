@@ -534,17 +534,18 @@ def load_pretrained(spec, *, template: Any = None, adapted: Iterable[str] = ()) 
   return variables
 
 
-def load_frozen_networks(method) -> None:
+def load_frozen_networks(method) -> dict[str, Any]:
   """Loads the frozen networks a method reads from files (``method.frozen_networks()``: name ->
-  (load spec, variable shapes), e.g. CoPer synthesis's loss network) and hands each to
-  ``method.set_frozen_network(name, variables)``. The trainer calls it before initialising;
-  methods do not read weights themselves.
+  (load spec, variable shapes), e.g. CoPer synthesis's loss network), hands each to
+  ``method.set_frozen_network(name, variables)`` and returns them (name -> variables). The
+  trainer calls it before initialising; methods do not read weights themselves.
 
   A jaxmed run's variables: the module ``spec["prefix"]`` names, or, with no prefix, the one
   module whose leaves match the shapes (`find_prefix`). A PyTorch file: converted into the
   shapes (``converter``). Leaves the network lacks (a head, a classifier) are left out; a
   missing or mis-shaped leaf is an error.
   """
+  loaded_networks = {}
   for name, (spec, shapes) in getattr(method, "frozen_networks", dict)().items():
     spec = _spec_dict(spec)
     path = os.fspath(spec["path"])
@@ -554,6 +555,8 @@ def load_frozen_networks(method) -> None:
     variables, plan = transfer(loaded, shapes, strict=False, return_plan=True)
     logging.info("frozen network %s from %s: %s", name, path, plan.summary())
     method.set_frozen_network(name, variables)
+    loaded_networks[name] = variables
+  return loaded_networks
 
 
 def find_prefix(loaded: Mapping[str, Any], template: Mapping[str, Any], path: str) -> str:

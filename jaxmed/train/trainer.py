@@ -29,6 +29,7 @@ from jaxmed.train import checkpoint as ckpt_lib
 from jaxmed.train import init as init_lib
 from jaxmed.train import logging as log_lib
 from jaxmed.train import optim, sharding
+from jaxmed.train import programs as programs_lib
 from jaxmed.train.state import TrainState
 
 EvalHook = Callable[[int, TrainState], Mapping[str, float]]
@@ -102,20 +103,10 @@ def make_train_step(method):
   return step
 
 
-def setup(config, method, example_batch, mesh):
-  """The step-0 train state, placed in its shardings, and the jitted, sharded train step.
-
-  Args:
-    config: experiment config (``seed``, ``total_steps``, ``optim``, ``param_groups``).
-    method: the `Method` to train.
-    example_batch: a global batch (arrays or shapes) that fixes the input shapes.
-    mesh: the device mesh.
-
-  Returns:
-    ``(state, step_fn, state_shardings)``; ``step_fn(state, batch)`` donates ``state``.
-  """
+def make_programs(config, method, example_batch, mesh) -> programs_lib.Programs:
+  """The jitted initialisation ``rng -> state`` (step 0, in its shardings) and the jitted,
+  sharded train step of ``method`` for ``example_batch``'s shapes on ``mesh``."""
   optimizer = optim.make_grouped_optimizer(config, int(config.total_steps))
-  rng = jax.random.PRNGKey(int(config.seed))
 
   def init_fn(rng):
     init_key, step_key = jax.random.split(rng)
@@ -123,12 +114,31 @@ def setup(config, method, example_batch, mesh):
                              optimizer=optimizer, rng=step_key,
                              method_state=method.init_method_state(example_batch))
 
-  state_sh = sharding.state_shardings(jax.eval_shape(init_fn, rng), mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=init_compiler_options())(rng)
+  state_sh = sharding.state_shardings(
+      jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh)
+  init = jax.jit(init_fn, out_shardings=state_sh, compiler_options=init_compiler_options())
   step_fn = jax.jit(make_train_step(method),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, None), donate_argnums=(0,))
-  return state, step_fn, state_sh
+  return programs_lib.Programs(init=init, step=step_fn, state_shardings=state_sh)
+
+
+def setup(config, method, example_batch, mesh, programs=None):
+  """The step-0 train state, placed in its shardings, and the jitted, sharded train step.
+
+  Args:
+    config: experiment config (``seed``, ``total_steps``, ``optim``, ``param_groups``).
+    method: the `Method` to train.
+    example_batch: a global batch (arrays or shapes) that fixes the input shapes.
+    mesh: the device mesh.
+    programs: `make_programs`'s result for these arguments, if already made.
+
+  Returns:
+    ``(state, step_fn, state_shardings)``; ``step_fn(state, batch)`` donates ``state``.
+  """
+  programs = programs or make_programs(config, method, example_batch, mesh)
+  state = programs.init(jax.random.PRNGKey(int(config.seed)))
+  return state, programs.step, programs.state_shardings
 
 
 def train(config, workdir: str, *, method: methods_lib.Method | None = None,
@@ -142,7 +152,8 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   Args:
     config: the experiment `ml_collections.ConfigDict`.
     workdir: output folder (checkpoints/, metrics.jsonl, tensorboard/).
-    method: a prebuilt method (default: from ``config.method``).
+    method: a prebuilt method (default: ``config.method``'s, shared with this process's runs of
+      an equal config, whose compiled programs this run reuses: `jaxmed.train.programs`).
     train_data: training examples, a dict of arrays or a source (`jaxmed.data.sources`), each
       process reading every ``process_count``-th row (default: the ``config.data.view`` of
       this process's share of ``subjects``, `jaxmed.data.views.make_view`).
@@ -161,8 +172,8 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
   """
   began = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  method = method or methods_lib.get_method(config)
-  init_lib.load_frozen_networks(method)  # e.g. a loss network read from a file
+  method = method or programs_lib.shared_method(config)
+  frozen = init_lib.load_frozen_networks(method)  # e.g. a loss network read from a file
   view_transform = None
   process_index, process_count = jax.process_index(), jax.process_count()
   if train_data is None:
@@ -195,7 +206,10 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
     first = transform(first, np.random.default_rng(0))
   example = {k: np.zeros((batch_size, *np.shape(v)), np.asarray(v).dtype)
              for k, v in first.items()}
-  state, step_fn, state_sh = setup(config, method, example, mesh)
+  # An earlier run of this process with an equal config shares its compiled programs.
+  programs = programs_lib.programs(config, method, example, mesh, frozen,
+                                   lambda: make_programs(config, method, example, mesh))
+  state, step_fn, state_sh = setup(config, method, example, mesh, programs)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(config.checkpoint.get("keep", 3)),
                                        async_save=bool(config.checkpoint.get("async_save", True)))

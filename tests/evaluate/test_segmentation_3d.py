@@ -55,6 +55,10 @@ def test_flip_tta_of_an_equivariant_model_equals_no_tta_and_the_direct_predictio
   mode, predict = evaluators.segmentation_predictor(method)  # auto: 3D -> windows
   assert mode == "3d"
   np.testing.assert_array_equal(predict(variables, volume), direct > 0.5)
+  # Made once per method object and settings: the runs that share a method trace it once.
+  assert evaluators.segmentation_predictor(method)[1] is predict
+  assert evaluators.segmentation_predictor(method, window={"overlap": 0.25})[1] is not predict
+  assert evaluators.segmentation_predictor(PointwiseMethod(config))[1] is not predict
 
 
 def test_tta_averages_the_flipped_predictions_of_a_model_that_is_not_equivariant():
