@@ -52,3 +52,41 @@ def tiny_arrays():
   image = rng.normal(size=(16, 16, 16, 4)).astype(np.float32)
   label = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(16, 16, 16), p=[0.7, 0.1, 0.1, 0.1])
   return {"image": image, "label": label}
+
+
+# The longest files, longest first (seconds in clean-clone runs on 2 cores, 2026-12-07). With
+# `-n 2 --dist loadfile` a worker takes the next file when it finishes one; pytest-xdist's
+# default order (most tests first) left these, which have few tests, for last, and the run
+# ended with one worker alone on a 45-190 s file. Longest first, the last files are short.
+LONGEST_FILES = (
+    "experiments/test_dae_experiment.py",      # 160-190
+    "experiments/test_coper_experiment.py",    # 135-165
+    "experiments/test_vit_ae_pp_experiment.py",  # 80-115
+    "metrics/test_surface.py",                 # 93
+    "experiments/test_experiments.py",         # 60-85
+    "models/test_swin_unetr.py",               # 78
+    "train/test_trainer.py",                   # 72
+    "methods/test_simmim.py",                  # 50-57
+    "train/test_multiprocess.py",              # 45-55
+    "methods/test_dae.py",                     # 40-45
+    "methods/test_coper_synthesis.py",         # 40-43
+)
+
+
+_missing = [f for f in LONGEST_FILES
+            if not os.path.isfile(os.path.join(os.path.dirname(__file__), f))]
+if _missing:
+  raise FileNotFoundError(f"conftest.LONGEST_FILES names files that do not exist: {_missing}")
+
+
+def pytest_configure(config):
+  # Keep the collection order (`pytest_collection_modifyitems`) instead of xdist's.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  """`LONGEST_FILES` first, in that order; the other files after, in collection order."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  rank = {os.path.join(tests, f): i for i, f in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(str(item.path), len(rank)))
