@@ -116,7 +116,14 @@ def make_programs(config, method, example_batch, mesh) -> programs_lib.Programs:
 
   state_sh = sharding.state_shardings(
       jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh)
-  init = jax.jit(init_fn, out_shardings=state_sh, compiler_options=init_compiler_options())
+  if jax.process_count() == 1 and all(s.is_fully_replicated for s in jax.tree.leaves(state_sh)):
+    # Every device would compute the same state: compute it once, on one device, and copy it
+    # (the same values; a tiny Swin-UNETR on 4 CPU devices: about 1 s less to compile, no
+    # partitioning, and 1.7 -> 0.6 s to run).
+    init_one = jax.jit(init_fn, compiler_options=init_compiler_options())
+    init = lambda rng: jax.device_put(init_one(rng), state_sh)
+  else:
+    init = jax.jit(init_fn, out_shardings=state_sh, compiler_options=init_compiler_options())
   step_fn = jax.jit(make_train_step(method),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, None), donate_argnums=(0,))

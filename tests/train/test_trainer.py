@@ -53,6 +53,25 @@ def test_fsdp_shards_large_parameters():
   assert specs["small"].spec == jax.sharding.PartitionSpec()
 
 
+def test_initial_state_is_the_same_computed_once_or_partitioned(tiny_arrays):
+  # Replicated states are computed on one device and copied; FSDP-sharded ones partitioned.
+  config = make_tiny_config("restoration", model__features=(16, 32))  # 3x3x32x32 kernels
+  batch = {k: v[:8] for k, v in tiny_arrays.items()}
+  method = get_method(config)
+  states = []
+  for axes in ({"data": 4}, {"data": 2, "fsdp": 2}):
+    state, _, state_sh = trainer.setup(config, method, batch, sharding.make_mesh(axes))
+    jax.tree.map(lambda a, sh: assert_sharding(a, sh), state, state_sh)
+    states.append(jax.device_get(state))
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(state_sh))
+  for a, b in zip(*map(jax.tree.leaves, states), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def assert_sharding(array, sharding_):
+  assert array.sharding.is_equivalent_to(sharding_, array.ndim), (array.sharding, sharding_)
+
+
 def test_mesh_errors():
   with pytest.raises(ValueError, match="must equal the number of devices"):
     sharding.make_mesh({"data": 3, "fsdp": 1})
