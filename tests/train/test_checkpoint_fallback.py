@@ -27,9 +27,12 @@ STEPS = (1, 2, 3)
 # A failed orbax restore closes its event loop while tensorstore reads it started may still
 # finish; their callbacks then report "Event loop is closed" as an unraisable exception (harmless,
 # orbax's own teardown race). Only that message is silenced.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:(?s)Exception ignored in.*Event loop is closed"
-    r":pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:(?s)Exception ignored in.*Event loop is closed"
+                               r":pytest.PytestUnraisableExceptionWarning"),
+    # The same abandoned reads, collected at the module's end (`_collect_abandoned_reads`).
+    pytest.mark.filterwarnings(r"ignore:coroutine '_read_array_index_and_device_put' was never"
+                               r" awaited:RuntimeWarning")]
 
 
 @pytest.fixture(scope="module", autouse=True)
