@@ -105,9 +105,8 @@ def programs(config, method, example_batch: Mapping[str, Any], mesh,
     entry = _entries.get(config_key)
   if entry is None or entry.method is not method:
     return build()
-  key = (tuple(sorted((k, np.shape(v), np.dtype(getattr(v, "dtype", np.asarray(v).dtype)).str)
-                      for k, v in example_batch.items())),
-         mesh, frozen_digest(frozen))
+  shapes = tuple(sorted((k, tuple(v.shape), np.dtype(v.dtype)) for k, v in example_batch.items()))
+  key = (shapes, mesh, frozen_digest(frozen))
   found = entry.programs.get(key)
   if found is None:
     found = entry.programs[key] = build()
