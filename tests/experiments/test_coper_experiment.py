@@ -8,6 +8,8 @@ import runpy
 import numpy as np
 import pytest
 
+from helpers import ONE_DEVICE
+
 from jaxmed.config import load_config, with_total_steps
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
@@ -24,7 +26,7 @@ def test_tables_figures_and_results(coper, tmp_path):
       "--out", str(out), "--num-subjects", "4", "--num-test", "2", "--shape", "16", "64", "64",
       "--seeds", "0", "--steps", "2", "--ssl-steps", "2", "--seg-steps", "2",
       "--lambda1", "--table4", "--proxy-subjects", "1", "--tap-steps", "2",
-      "--set", "batch_size=4"])
+      "--set", "batch_size=4", *ONE_DEVICE])
   report = (out / "report.md").read_text()
   for heading in ("## Table III analogue", "## Fig. 8 analogue", "## Fig. 3b analogue",
                   "## 2AFC on the phantom PROXY set", "PROXY 2AFC"):

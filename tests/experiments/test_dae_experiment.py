@@ -16,12 +16,15 @@ import runpy
 import numpy as np
 import pytest
 
+from helpers import ONE_DEVICE
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "dae.py")
 TINY = ["--shape", "32", "32", "32", "--pretrain-subjects", "2", "--subjects", "6",
         "--num-test", "2", "--num-val", "1", "--pretrain-steps", "2", "--finetune-steps", "2",
         "--finetune-batch", "4", "--disruptions", "--targets", "tissues", "--fractions", "1.0",
         "--cka-tokens", "512", "--eval-every", "2", "--set", "model.depths=[1,1,1,1]",
-        "--set", "model.num_heads=[1,1,1,1]", "--set", "batch_size=4"]
+        "--set", "model.num_heads=[1,1,1,1]", "--set", "batch_size=4", *ONE_DEVICE,
+        "--finetune-set", "mesh.num_devices=1"]
 TISSUES = ["scalp", "skull", "csf", "gm", "wm", "ventricles", "lesion"]
 
 

@@ -8,11 +8,13 @@ import runpy
 import numpy as np
 import pytest
 
+from helpers import ONE_DEVICE
+
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
 TINY = ["--set", "model.embed_dim=24", "--set", "model.depth=1", "--set", "model.num_heads=1",
         "--set", "model.decoder_embed_dim=16", "--set", "model.decoder_depth=1",
         "--set", "model.decoder_num_heads=1", "--set", "loss.num_slices=1",
-        "--set", "loss_net.model.width=0.0625", "--set", "batch_size=4"]
+        "--set", "loss_net.model.width=0.0625", "--set", "batch_size=4", *ONE_DEVICE]
 
 
 @pytest.fixture(scope="module")
