@@ -16,8 +16,11 @@ from jaxmed.methods import get_method
 from jaxmed.train import trainer
 
 # Swin-UNETR feature 12, one block per stage, window 4, on 32^3 crops of 32^3 phantoms: 2
-# training subjects x 4 modalities = 8 single-modality rows, batch 4, 2 steps.
+# training subjects x 4 modalities = 8 single-modality rows, batch 4, 2 steps; trainer runs on
+# one device, as swin_ssl's (the trainer tests exercise sharding; partitioned for 4 simulated
+# devices, a Swin-UNETR step compiles a third longer).
 SWIN_TINY = {
+    "mesh.num_devices": 1,
     "model.feature_size": 12, "model.depths": (1, 1, 1, 1), "model.num_heads": (1, 1, 1, 1),
     "model.window_size": 4, "data.shape": (32, 32, 32), "data.crop_size": (32, 32, 32),
     "data.num_subjects": 4, "data.num_val": 1, "data.num_test": 1, "batch_size": 4,
