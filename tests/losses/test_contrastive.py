@@ -318,8 +318,8 @@ def test_nt_xent_equals_monai_contrastive_loss_with_its_gradients(b, d, temperat
   t1, t2 = (torch.tensor(z, requires_grad=True) for z in (z1, z2))
   expected = ContrastiveLoss(temperature=temperature)(t1, t2)
   expected.backward()
-  loss, (g1, g2) = jax.value_and_grad(
-      lambda a, c: nt_xent_loss(a, c, temperature=temperature), argnums=(0, 1))(z1, z2)
+  loss, (g1, g2) = jax.jit(jax.value_and_grad(
+      lambda a, c: nt_xent_loss(a, c, temperature=temperature), argnums=(0, 1)))(z1, z2)
   np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g1, t1.grad.numpy(), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(g2, t2.grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -66,7 +66,8 @@ def test_equals_the_hand_computed_feature_mse_averaged_over_channels_and_taps():
 
 
 def test_gradient_reaches_pred_and_not_the_target():
-  g_pred, g_target = jax.grad(coper_loss, argnums=(0, 1))(PRED, TARGET, tiny_features)
+  g_pred, g_target = jax.jit(jax.grad(lambda p, t: coper_loss(p, t, tiny_features),
+                                      argnums=(0, 1)))(PRED, TARGET)
   assert np.all(np.isfinite(g_pred)) and np.abs(g_pred).sum() > 0
   assert np.all(np.asarray(g_target) == 0.0)  # the ground truth's features are constants
 
@@ -86,11 +87,12 @@ def vgg():
 def test_network_features_runs_the_frozen_network_in_eval_mode(vgg):
   module, variables = vgg
   taps = ("relu1_2", "relu2_2")
-  features_fn = network_features(module, variables, taps=taps, preprocess="unit")
+  # Jitted: a compile per shape instead of one per operation.
+  features_fn = jax.jit(network_features(module, variables, taps=taps, preprocess="unit"))
   x = RNG.uniform(-1, 1, size=(3, 16, 16, 3)).astype(np.float32)
   feats = features_fn(x)
   assert list(feats) == list(taps)
-  expected = module.apply(variables, (x + 1) / 2, train=False, taps=taps)
+  expected = jax.jit(lambda x: module.apply(variables, x, train=False, taps=taps))((x + 1) / 2)
   for t in taps:
     np.testing.assert_allclose(feats[t], expected[t], rtol=1e-5, atol=1e-6)
   # Running statistics, not the batch's: an image's features do not depend on its batch.

@@ -145,7 +145,7 @@ def test_eq5_terms_and_lambda1_one_lambda2_zero_is_l1(setup):
     loss, (metrics, _) = m.generator_loss(s0.variables, x, y, fake, train=True)
     return loss, metrics
 
-  loss, metrics = terms(method, fake)  # lambda1 0.70 (tumour), lambda2 1
+  loss, metrics = jax.jit(lambda f: terms(method, f))(fake)  # lambda1 0.70 (tumour), lambda2 1
   assert float(metrics["coper"]) > 0 and float(metrics["adv"]) > 0
   np.testing.assert_allclose(
       loss, 0.7 * metrics["l1"] + 0.3 * metrics["coper"] + 1.0 * metrics["adv"], rtol=1e-6)
@@ -155,8 +155,8 @@ def test_eq5_terms_and_lambda1_one_lambda2_zero_is_l1(setup):
   assert float(loss) == float(l1_loss(fake, y)) == float(metrics["l1"])
   assert float(metrics["coper"]) > 0  # still reported
   # ... and its gradient is that of L1 alone: no CoPer or adversarial gradient leaks in.
-  grad = jax.grad(lambda f: terms(l1_only, f)[0])(fake)
-  np.testing.assert_allclose(grad, jax.grad(l1_loss)(fake, y), rtol=1e-6, atol=1e-9)
+  grad = jax.jit(jax.grad(lambda f: terms(l1_only, f)[0]))(fake)
+  np.testing.assert_allclose(grad, jax.jit(jax.grad(l1_loss))(fake, y), rtol=1e-6, atol=1e-9)
 
 
 def test_no_gradient_reaches_the_loss_network(setup):
@@ -173,7 +173,8 @@ def test_no_gradient_reaches_the_loss_network(setup):
   # Through the loss network alone (lambda2 = 0 would leave only L1 + CoPer): the CoPer part
   # of the output gradient is nonzero.
   no_adv = get_method(_config(loss__lambda2=0.0, loss__lambda1=0.0))
-  g_coper = jax.grad(lambda f: no_adv.generator_loss(s0.variables, x, y, f, train=False)[0])(fake)
+  g_coper = jax.jit(jax.grad(
+      lambda f: no_adv.generator_loss(s0.variables, x, y, f, train=False)[0]))(fake)
   assert np.abs(np.asarray(g_coper)).sum() > 0
 
 
