@@ -85,7 +85,7 @@ if _missing:
 # short-lived containers), and a full collection walks every object of a large test process:
 # `tests/methods/test_dae.py` + `tests/models/test_swin_unetr.py` spent 5.9 s of 95 s in the
 # collector, 4.8 s of it in 19 full collections. With these thresholds and the objects of the
-# imports and collection frozen (`gc.freeze`, `pytest_collection_finish`): 1.3 s, and 88 s.
+# imports and collection frozen (`gc.freeze`, `pytest_collection_finish`): 1.3-1.7 s.
 GC_THRESHOLDS = (10_000, 20, 100)
 
 

@@ -122,7 +122,7 @@ def make_programs(config, method, example_batch, mesh) -> programs_lib.Programs:
     # partitioning, and 1.7 -> 0.6 s to run).
     init_one = jax.jit(init_fn, compiler_options=init_compiler_options())
     init = lambda rng: jax.device_put(init_one(rng), state_sh)
-  else:
+  else:  # FSDP-sharded leaves: each device computes its shards
     init = jax.jit(init_fn, out_shardings=state_sh, compiler_options=init_compiler_options())
   step_fn = jax.jit(make_train_step(method),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
