@@ -7,7 +7,10 @@ pages every step: the kernel zeroes and maps each 4 KiB page on first touch and 
 ``free``. The demo's UNet step (``experiments/benchmarks/train_step.py``, 33.1 MiB of
 temporaries) took about 8,500 page faults per step and spent 19% of its CPU time in the kernel;
 with these settings it takes about 500, and the step ran at 1.07-1.15x PyTorch's speed against
-0.90-0.92x without (same process, same settings for PyTorch, 2-core CPU).
+0.90-0.92x without (same process, same settings for PyTorch, 2-core CPU). PyTorch gains from
+them too where its own buffers are large: MONAI's Swin-UNETR (feature 24, 64^3) forward+backward
+3.6-3.7 -> 2.6-2.7 s (``experiments/benchmarks/backbones.py --torch-malloc``); jaxmed's did not
+change (3.1-3.5 s either way).
 
 The settings (``mallopt``): ``M_MMAP_MAX = 0`` (no allocation is served by ``mmap``; every one
 comes from the heap and its freed space is reused) and ``M_TRIM_THRESHOLD = 1 GiB`` (glibc

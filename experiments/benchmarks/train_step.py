@@ -6,7 +6,9 @@ Both sides train the same network (nnU-Net-like 2D UNet, conv-instance norm-Leak
 conv down, kernel-2 transposed conv up; parameter counts are checked equal) with the same loss
 (in-painting: L1 + L2 on grid-masked input; segmentation: soft Dice + BCE) and Adam, on the
 same batch shape. Warm-up (compilation) excluded; median of repeats, the two sides' timed blocks
-alternating. Prints steps/s, images/s and the jaxmed / PyTorch ratio.
+alternating. Both run in this one process, so under the same glibc ``malloc`` settings (those
+importing jaxmed sets: ``jaxmed/_malloc.py``). Prints steps/s, images/s and the jaxmed / PyTorch
+ratio.
 """
 
 from __future__ import annotations
