@@ -210,6 +210,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--only", default="", help="comma-separated case names")
+  parser.add_argument("--inputs", default="",
+                      help="only inputs whose description contains this (e.g. 'folded')")
   parser.add_argument("--scale", type=float, default=1.0, help="shrink every size (smoke runs)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() if jax.default_backend() == "cpu" else 1)
@@ -220,7 +222,7 @@ def main():
   print("| metric | input | reference | reference ms | jaxmed ms | speed-up | max rel diff |")
   print("|---|---|---|---:|---:|---:|---:|")
   for name, desc, ref_name, ref_fn, ours_fn in cases(args.scale):
-    if only and name not in only:
+    if (only and name not in only) or args.inputs not in desc:
       continue
     ref_value, ours_value = np.asarray(ref_fn(), np.float64), np.asarray(ours_fn(), np.float64)
     diff = np.max(np.abs(ours_value - ref_value) / np.maximum(np.abs(ref_value), 1e-12))
