@@ -18,7 +18,16 @@ returns free memory at the heap's top to the system only beyond 1 GiB). The cost
 in the middle of the heap is kept for reuse rather than returned to the system at once: peak
 resident memory of ``jaxmed train`` over 6 cases (``input_pipeline.py --memory-only``) 0.87 ->
 0.91 GiB. Never trimming (``M_TRIM_THRESHOLD = -1``) was no faster for the Swin-UNETR, whose
-1.76 GiB of temporaries exceed the 1 GiB (3.4-4.1 against 3.3-3.6 s).
+1.76 GiB of temporaries exceed the 1 GiB (3.4-4.1 against 3.3-3.6 s): its large buffers are
+YNNPACK's, allocated on XLA's worker threads, and glibc serves a thread's allocation above 64
+MiB (its per-thread heap) with ``mmap`` whatever ``M_MMAP_MAX`` says, about 720,000 page faults
+per forward+backward. One arena for every thread (``M_ARENA_MAX = 1``) with no trimming
+(``M_TRIM_THRESHOLD = -1``) removed them (about 10 per call): forward 1483 -> 1002 ms,
+forward+backward 3506 -> 2944 ms, but its peak resident memory went 2270 -> 4420 MB (freed
+buffers fragment the single heap), so it is not the default. For a process that can spare the
+memory: ``JAXMED_MALLOC_DEFAULTS=off GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.
+mmap_max=0:glibc.malloc.trim_threshold=4294967296`` (a threshold above the heap's free top
+between calls: 2 GiB still trimmed here; 4 GiB: 44 faults per call, 2.86 s).
 
 ``JAXMED_MALLOC_DEFAULTS=off`` sets nothing. Only on Linux with glibc; elsewhere (macOS, musl)
 nothing is set. A preloaded allocator (tcmalloc, jemalloc) replaces ``malloc`` and ignores
