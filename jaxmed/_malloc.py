@@ -42,6 +42,8 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
+from jaxmed import _env
+
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_MAX = -4
 SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30))
@@ -69,10 +71,9 @@ def apply_malloc_defaults(environ: Mapping[str, str] = os.environ,
     True when every setting was accepted, False when nothing was set (switched off, or not
     glibc).
   """
-  setting = environ.get("JAXMED_MALLOC_DEFAULTS", "on").lower()
-  if setting not in ("on", "off"):
-    raise ValueError(f"JAXMED_MALLOC_DEFAULTS must be 'on' or 'off'; got {setting!r}")
+  if not _env.switched_on(environ, "JAXMED_MALLOC_DEFAULTS"):
+    return False
   libc = glibc() if libc is None else libc
-  if setting == "off" or libc is None:
+  if libc is None:
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)

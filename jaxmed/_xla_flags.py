@@ -26,6 +26,8 @@ import os
 import re
 from collections.abc import MutableMapping
 
+from jaxmed import _env
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 MIN_JAXLIB = (0, 10)
 
@@ -51,9 +53,7 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] = os.environ,
                        version: tuple[int, int] | None = None) -> None:
   """Adds :data:`CPU_FLAGS` to ``environ["XLA_FLAGS"]`` unless ``JAXMED_XLA_DEFAULTS=off`` or
   jaxlib (``version``, default: the installed one) is older than :data:`MIN_JAXLIB`."""
-  setting = environ.get("JAXMED_XLA_DEFAULTS", "on").lower()
-  if setting not in ("on", "off"):
-    raise ValueError(f"JAXMED_XLA_DEFAULTS must be 'on' or 'off'; got {setting!r}")
+  on = _env.switched_on(environ, "JAXMED_XLA_DEFAULTS")
   version = jaxlib_version() if version is None else version
-  if setting == "on" and version is not None and version >= MIN_JAXLIB:
+  if on and version is not None and version >= MIN_JAXLIB:
     environ["XLA_FLAGS"] = with_cpu_defaults(environ.get("XLA_FLAGS", ""))

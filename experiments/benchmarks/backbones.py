@@ -205,9 +205,9 @@ def run_torch(case: str, repeats: int, threads: int) -> dict:
 
 
 def _child(args) -> None:
-  # The allocator: glibc's defaults, or the malloc settings importing jaxmed sets
-  # (jaxmed/_malloc.py; the jax side always runs with them, as users get it).
-  if args.malloc == "jaxmed":
+  # PyTorch's allocator: glibc's defaults, or the malloc settings importing jaxmed sets
+  # (jaxmed/_malloc.py; the jax side gets them from its own import, as users do).
+  if args.side == "torch" and args.malloc == "jaxmed":
     from jaxmed import _malloc  # pylint: disable=g-import-not-at-top
     if not _malloc.apply_malloc_defaults({}):
       raise RuntimeError("jaxmed's malloc settings were not applied (not glibc?)")
@@ -218,7 +218,7 @@ def _child(args) -> None:
   print("RESULT " + json.dumps(out))
 
 
-def _spawn(case: str, side: str, repeats: int, threads: int, malloc: str) -> dict:
+def _spawn(case: str, side: str, repeats: int, threads: int, malloc: str = "glibc") -> dict:
   cmd = [sys.executable, __file__, "--child", "--case", case, "--side", side,
          "--repeats", str(repeats), "--threads", str(threads), "--malloc", malloc]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -254,7 +254,7 @@ def main() -> None:
       refs[malloc] = _spawn(case, "torch", args.repeats, args.threads, malloc)
       print(f"{case}: torch, {malloc} malloc {refs[malloc]}", flush=True)
       time.sleep(0.5)
-    ours = _spawn(case, "jax", args.repeats, args.threads, "jaxmed")
+    ours = _spawn(case, "jax", args.repeats, args.threads)
     print(f"{case}: jaxmed {ours}", flush=True)
     for malloc, ref in refs.items():
       if ref["params"] != ours["params"]:
