@@ -104,6 +104,37 @@ def pytest_collection_finish(session):
   gc.freeze()
 
 
+def _exit_now():
+  """Ends the process at once, its output flushed."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
+
+
+def pytest_sessionfinish(session):
+  """A pytest-xdist worker whose session has ended (its results sent) leaves without the
+  teardown no one reads: the heap is frozen, so pytest's closing garbage collections (five full
+  passes looking for unraisable exceptions) skip what the tests left, and the process ends
+  with `os._exit` once pytest is done (`pytest_unconfigure`), skipping JAX's exit hook (which
+  clears every cache and destroys each compiled program) and the interpreter's teardown.
+
+  That teardown took 5-12 s per worker after a long run while pytest-xdist waited for it; after
+  5 s execnet interrupted it, which printed a KeyboardInterrupt warning at the end of every
+  suite run. tests/models + tests/losses on two workers: 100.8 -> 93.9 s. Under coverage, which
+  writes its data at exit, workers exit as usual."""
+  del session
+  if os.environ.get("PYTEST_XDIST_WORKER") and "coverage" not in sys.modules:
+    gc.freeze()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+  del config
+  # Registered last, so it runs before every other exit hook (see pytest_sessionfinish).
+  if os.environ.get("PYTEST_XDIST_WORKER") and "coverage" not in sys.modules:
+    atexit.register(_exit_now)
+
+
 def pytest_collection_modifyitems(items):
   """`LONGEST_FILES` first, in that order; the other files after, in collection order."""
   tests = os.path.dirname(os.path.abspath(__file__))
