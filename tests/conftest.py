@@ -36,6 +36,7 @@ _session_folder("JAXMED_CACHE_DIR", "jaxmed-test-data-cache-")
 
 import numpy as np
 import pytest
+import xdist
 
 from helpers import tiny_config as make_tiny_config  # pylint: disable=g-import-not-at-top
 
@@ -115,23 +116,16 @@ def pytest_sessionfinish(session):
   """A pytest-xdist worker whose session has ended (its results sent) leaves without the
   teardown no one reads: the heap is frozen, so pytest's closing garbage collections (five full
   passes looking for unraisable exceptions) skip what the tests left, and the process ends
-  with `os._exit` once pytest is done (`pytest_unconfigure`), skipping JAX's exit hook (which
-  clears every cache and destroys each compiled program) and the interpreter's teardown.
+  with `os._exit` once pytest is done (an exit hook registered after JAX's, so it runs first),
+  skipping JAX's exit hook (which clears every cache and destroys each compiled program) and
+  the interpreter's teardown.
 
   That teardown took 5-12 s per worker after a long run while pytest-xdist waited for it; after
-  5 s execnet interrupted it, which printed a KeyboardInterrupt warning at the end of every
-  suite run. tests/models + tests/losses on two workers: 100.8 -> 93.9 s. Under coverage, which
+  5 s execnet interrupted it, which printed the KeyboardInterrupt warning that ended most suite
+  runs. tests/models + tests/losses on two workers: 100.8 -> 93.9 s. Under coverage, which
   writes its data at exit, workers exit as usual."""
-  del session
-  if os.environ.get("PYTEST_XDIST_WORKER") and "coverage" not in sys.modules:
+  if xdist.is_xdist_worker(session) and "coverage" not in sys.modules:
     gc.freeze()
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-  del config
-  # Registered last, so it runs before every other exit hook (see pytest_sessionfinish).
-  if os.environ.get("PYTEST_XDIST_WORKER") and "coverage" not in sys.modules:
     atexit.register(_exit_now)
 
 
