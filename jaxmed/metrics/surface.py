@@ -601,15 +601,18 @@ def _lattice_ratios(spacing) -> tuple[int, ...] | None:
   _LATTICE_TOLERANCE (a float32 rounding of the spacings), the smallest ``c_min`` up to
   _LATTICE_MAX_SCALE for which they exist, so that squared distances are ``s_min^2 / c_min``
   times integers (`_lattice_unit`): ``(1, 1, 9)`` for 1 x 1 x 3 mm, ``(324, 324, 625)`` for
-  0.9 x 0.9 x 1.25 mm; else None. ``spacing``: the float32 values the kernels use."""
+  0.9 x 0.9 x 1.25 mm; else None. ``spacing``: the float32 values the kernels use.
+
+  Every scale is tried at once (a Python loop over them took 25 ms per metric call for a
+  spacing off the lattice, 10% of the float32 kernel's HD95 at 240 x 240 x 155)."""
   s = np.asarray(spacing, np.float64)
   ratios = (s / s.min()) ** 2
-  for scale in range(1, _LATTICE_MAX_SCALE + 1):
-    c = ratios * scale
-    if np.all(np.abs(c - np.round(c)) <= _LATTICE_TOLERANCE * c):
-      c = np.round(c)
-      return tuple(int(x) for x in c) if c.max() < np.iinfo(np.uint16).max else None
-  return None
+  c = np.arange(1, _LATTICE_MAX_SCALE + 1, dtype=np.float64)[:, None] * ratios  # (scales, d)
+  fits = np.all(np.abs(c - np.round(c)) <= _LATTICE_TOLERANCE * c, axis=1)
+  if not fits.any():
+    return None
+  c = np.round(c[np.argmax(fits)])
+  return tuple(int(x) for x in c) if c.max() < np.iinfo(np.uint16).max else None
 
 
 def _lattice_unit(spacing, ratios):
