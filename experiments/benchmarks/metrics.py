@@ -152,12 +152,13 @@ def cases(scale):
                     mp, mt, class_thresholds=[2.0], include_background=True).numpy().ravel(),
                 lambda p=p, t=t: np.asarray(jm.surface_dice(p, t, tolerance=2.0))))
   # Anisotropic voxels: 1 x 1 x 3 mm (a whole multiple: the integer kernel), 0.9 x 0.9 x 1.25 mm
-  # (squared ratios of small integers: the integer kernel in units of 0.05 mm) and
-  # 1 x 0.81 x 1.6 mm (neither: the float32 kernel).
+  # (squared ratios of small integers: the integer kernel in units of 0.05 mm), 1 x 0.81 x 1.6 mm
+  # (the integer kernel in units of 0.01 mm, its first level in uint32) and 1 x 0.8123 x 1.6 mm
+  # (no lattice: the float32 kernel).
   p, t = pairs[f"{label} folded"]
   mp, mt = monai_masks(p, t)
   p, t = dev(p), dev(t)
-  for spacing in ((1.0, 1.0, 3.0), (0.9, 0.9, 1.25), (1.0, 0.81, 1.6)):
+  for spacing in ((1.0, 1.0, 3.0), (0.9, 0.9, 1.25), (1.0, 0.81, 1.6), (1.0, 0.8123, 1.6)):
     out.append(("hd95", f"{label} folded, {' x '.join(map(str, spacing))} mm", "MONAI",
                 lambda mp=mp, mt=mt, s=spacing: compute_hausdorff_distance(
                     mp, mt, include_background=True, percentile=95, spacing=s).numpy().ravel(),

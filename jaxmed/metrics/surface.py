@@ -592,23 +592,30 @@ def _surface_statistics(surfaces, spacing, quantile, tolerance, both, spatial, q
 
 _LATTICE_WINDOW = 4
 _LATTICE_FAR = 2**30  # int32 squared distance standing for "no feature" in the outlier lists
-_LATTICE_MAX_SCALE = 2048  # largest c_min: the first level's reach, 25 c_min, fits uint16
+_LATTICE_MAX_SCALE = 2048  # every c_min up to this; past it, squares up to _LATTICE_MAX_ROOT^2
+_LATTICE_MAX_ROOT = 128    # a decimal spacing's c_min is a square (1 x 0.81 x 1.6 mm: 81^2)
 _LATTICE_TOLERANCE = 2.5e-7  # relative: 4 float32 roundings (ratios of decimal spacings)
 
 
 def _lattice_ratios(spacing) -> tuple[int, ...] | None:
   """Integer coefficients ``c_a`` with ``c_a / c_min = (s_a / s_min)^2`` to within
-  _LATTICE_TOLERANCE (a float32 rounding of the spacings), the smallest ``c_min`` up to
-  _LATTICE_MAX_SCALE for which they exist, so that squared distances are ``s_min^2 / c_min``
-  times integers (`_lattice_unit`): ``(1, 1, 9)`` for 1 x 1 x 3 mm, ``(324, 324, 625)`` for
-  0.9 x 0.9 x 1.25 mm; else None. ``spacing``: the float32 values the kernels use.
+  _LATTICE_TOLERANCE (a float32 rounding of the spacings), so that squared distances are
+  ``s_min^2 / c_min`` times integers (`_lattice_unit`): ``(1, 1, 9)`` for 1 x 1 x 3 mm,
+  ``(324, 324, 625)`` for 0.9 x 0.9 x 1.25 mm, ``(10000, 6561, 25600)`` for 1 x 0.81 x 1.6 mm;
+  else None. ``c_min`` is the smallest that fits up to _LATTICE_MAX_SCALE, else the smallest
+  square up to _LATTICE_MAX_ROOT^2: spacings of a few decimals have a square ``c_min`` (the
+  square of ``s_min``'s denominator over the others'), and squares only keep chance fits of
+  other spacings rare. ``spacing``: the float32 values the kernels use.
 
   Every scale is tried at once: a Python loop over them took about 15 ms per metric call for
   a spacing off the lattice (HD95 of a folded ribbon at 240 x 240 x 155, 1 x 0.81 x 1.6 mm:
   218-221 ms with the loop, 206-212 ms without)."""
   s = np.asarray(spacing, np.float64)
   ratios = (s / s.min()) ** 2
-  c = np.arange(1, _LATTICE_MAX_SCALE + 1, dtype=np.float64)[:, None] * ratios  # (scales, d)
+  roots = np.arange(int(np.sqrt(_LATTICE_MAX_SCALE)) + 1, _LATTICE_MAX_ROOT + 1)
+  scales = np.concatenate([np.arange(1, _LATTICE_MAX_SCALE + 1),
+                           roots[roots**2 > _LATTICE_MAX_SCALE] ** 2])
+  c = scales.astype(np.float64)[:, None] * ratios                               # (scales, d)
   fits = np.all(np.abs(c - np.round(c)) <= _LATTICE_TOLERANCE * c, axis=1)
   if not fits.any():
     return None
@@ -665,10 +672,14 @@ def _level_limit(spatial, window, ratios, dtype) -> int:
 
 
 def _first_level_dtype(spatial, ratios):
-  """uint8 when what the first window level certifies fits a byte (``c_min = 1``), else
-  uint16."""
+  """The smallest unsigned type that holds what the first window level certifies (``25 c_min``
+  where no axis is spanned): uint8 up to ``c_min = 10``, uint16 up to 2621 (0.9 x 0.9 x 1.25 mm:
+  324), else uint32 (1 x 0.81 x 1.6 mm: 6561; the float32 kernel ran it 1.5x slower)."""
   reach = _lattice_reach(spatial, _LATTICE_WINDOW, ratios)
-  return np.uint8 if reach is not None and reach < np.iinfo(np.uint8).max else np.uint16
+  for dtype in (np.uint8, np.uint16):
+    if reach is not None and reach < np.iinfo(dtype).max:
+      return dtype
+  return np.uint32
 
 
 def _key_dtype(ratios):
@@ -748,15 +759,17 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
   listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
-  if key_dtype == np.uint16 or np.prod(spatial) < _PARALLEL_MIN_VOXELS:
+  first_limit = _level_limit(spatial, _LATTICE_WINDOW, ratios, _first_level_dtype(spatial, ratios))
+  first_key_dtype = np.uint16 if first_limit < np.iinfo(np.uint16).max else np.uint32
+  if key_dtype == first_key_dtype or np.prod(spatial) < _PARALLEL_MIN_VOXELS:
     # One key type for both branches: the statistics compile once.
     key, exact = jax.lax.cond(done_first, lambda: (as_key(k, limit, key_dtype), jnp.bool_(True)),
                               dense)
     return finish(key, listed_k), exact
-  # Large arrays at c_min > 1: the first level's key in uint16 (it certifies less than 65535),
-  # each branch finishing on its own (a uint32 key cost 20 of 95 ms at 240 x 240 x 155).
+  # Large arrays whose first level certifies less than 65535 (1 < c_min < 2622): its key in
+  # uint16, each branch finishing on its own (a uint32 key cost 20 of 95 ms at 240 x 240 x 155).
   return jax.lax.cond(
-      done_first, lambda: (finish(as_key(k, limit, np.uint16), listed_k), jnp.bool_(True)),
+      done_first, lambda: (finish(as_key(k, limit, first_key_dtype), listed_k), jnp.bool_(True)),
       lambda: (lambda key, done: (finish(key, listed_k), done))(*dense()))
 
 

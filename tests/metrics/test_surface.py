@@ -145,7 +145,7 @@ def test_jit_path_equals_cropped_eager_path():
 
 
 # float32 kernel; rational lattice c = (25, 16, 64) (uint16 first level); integer (uint8).
-@pytest.mark.parametrize("spacing", [(1.0, 0.81, 1.6), (1.0, 0.8, 1.6), (1.0, 1.0, 2.0)])
+@pytest.mark.parametrize("spacing", [(1.0, 0.8123, 1.6), (1.0, 0.8, 1.6), (1.0, 1.0, 2.0)])
 def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(monkeypatch, spacing):
   """The paths after the first window level (4 voxels), on both kernels (float32 for a general
   spacing, small integers for one on an integer lattice): a few uncertified voxels searched in
@@ -155,7 +155,7 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(monke
   the dense levels); each beside an empty target. Every metric equals MONAI's."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
   ratios = surface._lattice_ratios(np.float32(spacing))
-  assert (ratios is None) == (spacing[1] == 0.81)
+  assert (ratios is None) == (spacing[1] == 0.8123)
   shape = (80, 72, 64)
   grid = np.indices(shape)
   ball = lambda c, r: sum((g - x) ** 2 for g, x in zip(grid, c)) <= r**2
@@ -225,11 +225,13 @@ def test_edt_past_the_first_window():
                                        for m in mask]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spacing", [(1.0, 1.0, 2.0), (0.9, 0.9, 1.25), (1.0, 0.81, 1.6)])
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 2.0), (0.9, 0.9, 1.25), (1.0, 0.81, 1.6),
+                                     (1.0, 0.8123, 1.6)])
 def test_two_parts_match_monai(monkeypatch, spacing):
   """Large arrays run each direction (or each half of the batch) as an independent part
-  (`_parts`): forced here on a small array (a shape no other test compiles), on the integer,
-  rational-lattice and float32 kernels, every metric, directed and symmetric, equals MONAI's."""
+  (`_parts`): forced here on a small array (a shape no other test compiles), on the integer
+  kernel (uint8, uint16 and uint32 first levels) and the float32 kernel, every metric, directed
+  and symmetric, equals MONAI's."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(surface, "_PARALLEL_MIN_VOXELS", 1)
   assert len(surface._parts(12, False, (11, 9, 7))) == len(surface._parts(12, True, ())) == 2
@@ -269,7 +271,8 @@ def test_host_boundary_equals_the_traced_one(shape):
 
 def test_lattice_spacings_and_their_fallback():
   """Spacings whose squared ratios are integers (isotropic at any scale, 1 x 1 x 3, 0.5 x 1.5)
-  or ratios of small integers (0.9 x 0.9 x 1.25, 1 x 1.2) run the integer kernel; it equals
+  or ratios of integers (0.9 x 0.9 x 1.25, 1 x 1.2, and 1 x 0.81 x 1.6, whose first window
+  level runs in uint32) run the integer kernel; it equals
   MONAI, and where it cannot be exact (surfaces more than 255 voxels apart: squared distances
   past uint16) it says so and the float kernel answers."""
   from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
@@ -281,15 +284,21 @@ def test_lattice_spacings_and_their_fallback():
   assert surface._lattice_ratios(np.float32([0.9, 0.9, 1.25])) == (324, 324, 625)
   assert (surface._lattice_unit(np.float32([0.9, 0.9, 1.25]), (324, 324, 625))
           == np.float32(0.9) / np.float32(18))                  # s_min / sqrt(c_min)
-  assert surface._lattice_ratios(np.float32([1.0, 1.27])) is None  # no c_min <= 2048
-  assert surface._lattice_ratios(np.float32([1.0, 0.81, 1.6])) is None
+  # Past c_min = 2048 only squares (a decimal spacing's c_min is one): 100^2, 81^2.
+  assert surface._lattice_ratios(np.float32([1.0, 1.27])) == (10000, 16129)
+  assert surface._lattice_ratios(np.float32([1.0, 0.81, 1.6])) == (10000, 6561, 25600)
+  assert surface._first_level_dtype((9, 12, 11), (10000, 6561, 25600)) == np.uint32
+  assert surface._first_level_dtype((9, 12, 11), (324, 324, 625)) == np.uint16
+  assert surface._lattice_ratios(np.float32([1.0, 0.8123, 1.6])) is None
+  assert surface._lattice_ratios(np.float32([1.0, 1.2345])) is None
   rng = np.random.default_rng(11)
   # HD95 (the integer order statistic) on every spacing, the other metrics in turn (each of the
   # kernel's metrics compiles on its own).
-  others = ("hausdorff", "average_surface_distance", "surface_dice") * 2
+  others = ("hausdorff", "average_surface_distance", "surface_dice") * 2 + ("hausdorff",)
   for (shape, spacing), other in zip((((19, 14), (0.5, 1.5)), ((9, 12, 11), (1.0, 1.0, 3.0)),
                                       ((9, 12, 11), (0.7, 0.7, 0.7)), ((30, 20), (2.0, 2.0)),
-                                      ((9, 12, 11), (0.9, 0.9, 1.25)), ((19, 14), (1.0, 1.2))),
+                                      ((9, 12, 11), (0.9, 0.9, 1.25)), ((19, 14), (1.0, 1.2)),
+                                      ((9, 12, 11), (1.0, 0.81, 1.6))),
                                      others):
     pred, target = _edge_cases(rng, shape)
     known = pred.reshape(len(pred), -1).any(1) == target.reshape(len(pred), -1).any(1)
