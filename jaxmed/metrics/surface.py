@@ -678,8 +678,10 @@ def _first_level_dtype(spatial, ratios):
   324), else uint32 (1 x 0.81 x 1.6 mm: 6561; HD95 of a folded ribbon at 240 x 240 x 155
   178 ms, against 210 ms on the float32 kernel)."""
   reach = _lattice_reach(spatial, _LATTICE_WINDOW, ratios)
+  if reach is None:  # the window spans every axis: uint16, past it the float32 kernel
+    return np.uint16
   for dtype in (np.uint8, np.uint16):
-    if reach is not None and reach < np.iinfo(dtype).max:
+    if reach < np.iinfo(dtype).max:
       return dtype
   return np.uint32
 
@@ -752,7 +754,10 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
                                     (k, limit, done))
     return k, limit, done
 
-  key_dtype = _key_dtype(ratios)
+  first_dtype = _first_level_dtype(spatial, ratios)
+  # A uint32 first level certifies values past uint16 (also at c_min = 1, e.g. 1 x 60 x 60 mm
+  # with the first axis spanned): its key is uint32 too.
+  key_dtype = np.uint32 if first_dtype == np.uint32 else _key_dtype(ratios)
   as_key = lambda k, limit, dtype: jnp.where(
       query & searchable & (k.reshape(rows, -1) <= limit), k.reshape(rows, -1).astype(dtype),
       dtype(np.iinfo(dtype).max))
@@ -761,7 +766,7 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
   listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
-  first_limit = _level_limit(spatial, _LATTICE_WINDOW, ratios, _first_level_dtype(spatial, ratios))
+  first_limit = _level_limit(spatial, _LATTICE_WINDOW, ratios, first_dtype)
   first_key_dtype = np.uint16 if first_limit < np.iinfo(np.uint16).max else np.uint32
   if key_dtype == first_key_dtype or np.prod(spatial) < _PARALLEL_MIN_VOXELS:
     # One key type for both branches: the statistics compile once.

@@ -316,6 +316,14 @@ def test_lattice_spacings_and_their_fallback():
           np.asarray(surface_dice(pred, target, tolerance=1.6, spacing=spacing)),
           _monai(compute_surface_dice, pred, target, spacing, class_thresholds=[1.6]),
           rtol=1e-5, atol=1e-6)
+  # A uint32 first level at c_min = 1 (1 x 60 x 60 mm, the first axis spanned by the window):
+  # a certified k = 72000 past uint16 (4 and 2 voxels of 60 mm) stays exact (not 72000 - 65536).
+  pred, target = np.zeros((1, 3, 20, 20), bool), np.zeros((1, 3, 20, 20), bool)
+  target[0, 1, 5, 5] = pred[0, 1, 9, 7] = True
+  pred[0, 1, 0, 0] = target[0, 1, 0, 0] = pred[0, 1, 19, 19] = target[0, 1, 19, 19] = True
+  assert surface._first_level_dtype((3, 20, 20), (1, 3600, 3600)) == np.uint32
+  np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, spacing=(1, 60, 60))),
+                             [np.sqrt(72000.0)], rtol=1e-6)
   # 299 voxels apart: k = 89401 does not fit uint16, so the integer kernel is not exact.
   pred, target = np.zeros((2, 300, 3), bool), np.zeros((2, 300, 3), bool)
   pred[:, 0, 1], target[0, 299, 1], target[1, 3, 0] = True, True, True
