@@ -596,6 +596,9 @@ _LATTICE_FAR = 2**30  # int32 squared distance standing for "no feature" in the 
 _LATTICE_MAX_SCALE = 2048  # every c_min up to this; past it, squares up to _LATTICE_MAX_ROOT^2
 _LATTICE_MAX_ROOT = 128    # a decimal spacing's c_min is a square (1 x 0.81 x 1.6 mm: 81^2)
 _LATTICE_TOLERANCE = 2.5e-7  # relative: 4 float32 roundings (ratios of decimal spacings)
+_LATTICE_SCALES = np.concatenate([                # the c_min tried, smallest first (float64)
+    np.arange(1, _LATTICE_MAX_SCALE + 1),
+    np.arange(int(np.sqrt(_LATTICE_MAX_SCALE)) + 1, _LATTICE_MAX_ROOT + 1) ** 2]).astype(float)
 
 
 def _lattice_ratios(spacing) -> tuple[int, ...] | None:
@@ -613,10 +616,7 @@ def _lattice_ratios(spacing) -> tuple[int, ...] | None:
   218-221 ms with the loop, 206-212 ms without)."""
   s = np.asarray(spacing, np.float64)
   ratios = (s / s.min()) ** 2
-  roots = np.arange(int(np.sqrt(_LATTICE_MAX_SCALE)) + 1, _LATTICE_MAX_ROOT + 1)
-  scales = np.concatenate([np.arange(1, _LATTICE_MAX_SCALE + 1),
-                           roots[roots**2 > _LATTICE_MAX_SCALE] ** 2])
-  c = scales.astype(np.float64)[:, None] * ratios                               # (scales, d)
+  c = _LATTICE_SCALES[:, None] * ratios                                         # (scales, d)
   fits = np.all(np.abs(c - np.round(c)) <= _LATTICE_TOLERANCE * c, axis=1)
   if not fits.any():
     return None
@@ -686,12 +686,16 @@ def _first_level_dtype(spatial, ratios):
   return np.uint32
 
 
-def _key_dtype(ratios):
+def _key_dtype(spatial, ratios):
   """The wider levels' and the statistics' integer type: uint16 for ``c_min = 1`` (exact up to
   255 voxels, where the float kernel takes over), uint32 otherwise (uint16 would hold only
   ``255 / sqrt(c_min)`` voxels: 14 for 0.9 x 0.9 x 1.25 mm, and far surfaces would then run
-  both kernels)."""
-  return np.uint16 if min(ratios) == 1 else np.uint32
+  both kernels) and whenever the first level runs in uint32 (it certifies values past uint16,
+  also at ``c_min = 1`` when the window spans that axis: 1 x 60 x 60 mm, 3 voxels on the
+  first)."""
+  if min(ratios) == 1 and _first_level_dtype(spatial, ratios) != np.uint32:
+    return np.uint16
+  return np.uint32
 
 
 def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish):
@@ -754,10 +758,7 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
                                     (k, limit, done))
     return k, limit, done
 
-  first_dtype = _first_level_dtype(spatial, ratios)
-  # A uint32 first level certifies values past uint16 (also at c_min = 1, e.g. 1 x 60 x 60 mm
-  # with the first axis spanned): its key is uint32 too.
-  key_dtype = np.uint32 if first_dtype == np.uint32 else _key_dtype(ratios)
+  key_dtype = _key_dtype(spatial, ratios)
   as_key = lambda k, limit, dtype: jnp.where(
       query & searchable & (k.reshape(rows, -1) <= limit), k.reshape(rows, -1).astype(dtype),
       dtype(np.iinfo(dtype).max))
@@ -766,8 +767,8 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
   listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
-  first_limit = _level_limit(spatial, _LATTICE_WINDOW, ratios, first_dtype)
-  first_key_dtype = np.uint16 if first_limit < np.iinfo(np.uint16).max else np.uint32
+  # The first level's values as a key: uint16 holds what a uint8 or uint16 level certifies.
+  first_key_dtype = np.promote_types(_first_level_dtype(spatial, ratios), np.uint16).type
   if key_dtype == first_key_dtype or np.prod(spatial) < _PARALLEL_MIN_VOXELS:
     # One key type for both branches: the statistics compile once.
     key, exact = jax.lax.cond(done_first, lambda: (as_key(k, limit, key_dtype), jnp.bool_(True)),
