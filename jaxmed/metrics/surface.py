@@ -704,8 +704,8 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   voxel is certified.
 
   query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
-  is not empty. ``key``: (rows, V) `_key_dtype` (uint16 after the first level of a large
-  array), the squared distance in lattice units where a query voxel's is certified, the type's
+  is not empty. ``key``: (rows, V) `_key_dtype` (after the first level of a large array at
+  ``1 < c_min < 2622``, uint16), the squared distance in lattice units where a query voxel's is certified, the type's
   largest value elsewhere; ``listed_k``:
   (rows, K) int32, the outliers resolved by box searches (K = _MAX_OUTLIERS), _LATTICE_FAR
   where an entry is not the row's.
