@@ -104,6 +104,36 @@ def test_average_surface_distance_and_surface_dice_match_monai(shape, spacing):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_surface_dice_windows_hold_the_tolerance():
+  """Surface Dice has its own kernel: windowed minima whose windows hold every offset within the
+  tolerance (`_close_windows`), exact with no certification. Its windows, and MONAI parity where
+  a window is 0 along an axis, at tolerances equal to lattice distances, past uint8 (uint16 key),
+  on the float32 kernel, past the lattice's limit (float32 instead), and for traced masks."""
+  from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
+  f32 = np.float32
+  assert surface._close_windows(f32([1, 1, 1]), 2.0, (1, 1, 1), 4, (50, 50, 50)) == (2, 2, 2)
+  assert surface._close_windows(f32([1, 1, 3]), 2.0, (1, 1, 9), 4, (50, 50, 50)) == (2, 2, 0)
+  assert surface._close_windows(f32([1, 1, 1]), 30.0, (1, 1, 1), 900, (50, 50, 8)) == (30, 30, 7)
+  assert surface._close_windows(f32([1, 0.8123]), 2.0, None, f32(2.0), (50, 50)) == (3, 3)
+  rng = np.random.default_rng(7)
+  shape = (13, 17, 9)
+  pred, target = _edge_cases(rng, shape)
+  pred[0, 2:4, 12:14, 1:3] = True                                 # a speck off the target
+  for spacing, tolerance in (((1.0, 1.0, 3.0), 2.0), ((1.0, 1.0, 1.0), 2.0),
+                             ((1.0, 1.0, 1.0), float(np.float32(np.sqrt(5.0)))),
+                             ((0.5, 0.5, 0.5), 9.0),               # within 324: uint16
+                             ((1.0, 0.8123, 1.6), 2.5),            # no lattice: float32
+                             ((1.0, 1.0, 1.0), 1e4)):              # within past 2^24: float32
+    np.testing.assert_allclose(
+        np.asarray(surface_dice(pred, target, tolerance=tolerance, spacing=spacing)),
+        _monai(compute_surface_dice, pred, target, spacing, class_thresholds=[tolerance]),
+        rtol=1e-6, atol=1e-7, err_msg=str((spacing, tolerance)))
+  traced = jax.jit(lambda p, t: surface_dice(p, t, tolerance=2.0, spacing=(1.0, 1.0, 3.0)))
+  np.testing.assert_array_equal(
+      np.asarray(traced(pred, target)),
+      np.asarray(surface_dice(pred, target, tolerance=2.0, spacing=(1.0, 1.0, 3.0))))
+
+
 # Integer kernel (c_min = 1, uint8 first level), rational lattice (uint16), float32 kernel.
 @pytest.mark.parametrize("spacing", [None, (1.0, 1.3), (1.0, 1.27)])
 def test_empty_mask_convention(spacing):
@@ -200,12 +230,14 @@ def test_few_far_voxels_take_the_box_search_and_many_take_the_dense_levels(monke
       # The float32 kernel computes every metric's statistics in one run: one run per path,
       # finished as `hausdorff_distance` & co. finish it.
       edges, sp = surface._prepared("test", p, t, spacing)
-      stats = surface._statistics(edges, sp, 0.95, 2.0, True, "hausdorff")
+      stats = surface._statistics(edges, sp, 0.95, True, "hausdorff")
       ours = {m: surface._finish(stats, m) for m in ("hausdorff", "hausdorff_quantile",
-                                                     "average_surface_distance", "surface_dice")}
+                                                     "average_surface_distance")}
       expected = {"hausdorff": monai(compute_hausdorff_distance, p, t), "hausdorff_quantile": hd95,
-                  "average_surface_distance": asd,
-                  "surface_dice": monai(compute_surface_dice, p, t, class_thresholds=[2.0])}
+                  "average_surface_distance": asd}
+    # Surface Dice (its own windowed kernel, exact by construction) on either spacing.
+    ours["surface_dice"] = surface_dice(p, t, tolerance=2.0, spacing=spacing)
+    expected["surface_dice"] = monai(compute_surface_dice, p, t, class_thresholds=[2.0])
     for metric, value in ours.items():
       value = np.asarray(value)
       np.testing.assert_allclose(value[:1], expected[metric], rtol=1e-5, err_msg=metric)
@@ -331,7 +363,7 @@ def test_lattice_spacings_and_their_fallback():
   kwargs = {"both": True, "ratios": (1, 1), "metric": "hausdorff_quantile", "spatial": (300, 3)}
   lattice = lambda p, t: surface._lattice_statistics(
       tuple(surface._edges(p, t).reshape(2, 2, -1)), spacing, np.float32(1.0),
-      np.float32(0.95), np.int32(0), **kwargs)
+      np.float32(0.95), **kwargs)
   assert not bool(lattice(pred, target)[1]) and bool(lattice(pred, pred)[1])
   for percentile in (None, 95):
     np.testing.assert_allclose(np.asarray(hausdorff_distance(pred, target, percentile=percentile)),
