@@ -38,6 +38,11 @@ units for ``c_min = 1``, past 2^30 otherwise) falls back to the float32 kernel. 
 about 4x faster than float32 at 240 x 240 x 155; the values are the float path's (bit-equal for
 unit spacing, within a float32 rounding otherwise).
 
+A quantile (HD95) needs exact values only up to its two order statistics: the integer kernel
+stops at the first level whose certified values hold them, leaving the voxels above
+uncertified (`_quantile_known`): no box searches or wider levels for them. Random blobs at
+240 x 240 x 155: HD95 195-211 -> 151-167 ms at 1 mm, 287-324 -> 153-171 ms at 1 x 1 x 3 mm.
+
 Surface Dice reads no distance past its tolerance, so it runs neither kernel: one windowed
 pass per axis whose window holds every offset within the tolerance (2 voxels for 2 mm at 1 mm)
 gives the exact squared distance wherever it is within the tolerance and an upper bound
@@ -415,6 +420,23 @@ def _count_max_min(key, thresholds):
           jnp.min(smallest, axis=-1))
 
 
+def _rank(count, q):
+  """``(position, below)``: the fractional rank ``q (count - 1)`` of the quantile ``q`` among
+  ``count`` values (float32, as `_order_statistics` interpolates) and its floor (int32)."""
+  position = q * jnp.maximum(count - 1, 0).astype(jnp.float32)
+  return position, jnp.floor(position).astype(jnp.int32)
+
+
+def _quantile_known(uncertified, count, q):
+  """Whether the ``q`` quantile of each row's ``count`` values is exact when ``uncertified``
+  (rows,) of them are known only to lie above every other: when the order statistics it
+  interpolates between (ranks ``floor`` and ``ceil`` of its fractional rank) are among the
+  others."""
+  position, _ = _rank(count, q)
+  upper = jnp.ceil(position).astype(jnp.int32)
+  return jnp.all((uncertified == 0) | (count - uncertified > upper))
+
+
 def _order_statistics(stats, count, top, q, midpoint):
   """The two order statistics ``torch.quantile`` interpolates between, found by bisection.
 
@@ -426,8 +448,7 @@ def _order_statistics(stats, count, top, q, midpoint):
   fraction)``: the value at rank ``floor(q (count - 1))``, the next one, and the weight of the
   second.
   """
-  position = q * jnp.maximum(count - 1, 0).astype(jnp.float32)
-  below = jnp.floor(position).astype(jnp.int32)
+  position, below = _rank(count, q)
 
   def unresolved(bounds):
     lo, hi = bounds
@@ -705,7 +726,7 @@ def _key_dtype(spatial, ratios):
   return np.uint32
 
 
-def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish):
+def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish, enough):
   """One `_parts` part of `_lattice_statistics`: ``finish(key, listed_k)`` of the integer
   squared distances of its query voxels and its list of outliers, and whether every query
   voxel is certified.
@@ -715,7 +736,11 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
   ``1 < c_min < 2622``, uint16), the squared distance in lattice units where a query voxel's is certified, the type's
   largest value elsewhere; ``listed_k``:
   (rows, K) int32, the outliers resolved by box searches (K = _MAX_OUTLIERS), _LATTICE_FAR
-  where an entry is not the row's.
+  where an entry is not the row's. ``enough(uncertified)``: whether the metric is exact with
+  ``uncertified`` (rows,) int32 query voxels per row left out of the key (known to lie past
+  every certified one): for the maximum and the mean only when there are none; for a quantile
+  below them (`_quantile_known`), so that HD95 stops at the first level whose certified values
+  hold its two order statistics, without searching or certifying the far voxels above them.
   """
   rows = query.shape[0]
   features = features.reshape((rows,) + spatial)
@@ -745,19 +770,22 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
     uncertified = uncertified.reshape(features.shape)
     blocks, per_block, few = _few_blocks(uncertified)
     count = jnp.sum(per_block)                                 # one count of the mask, not two
-    searched = (count > 0) & (count <= _MAX_OUTLIERS) & few
+    per_row = count[None] if rows == 1 else count_true(uncertified.reshape(rows, -1))
+    done_first = enough(per_row)
+    searched = ~done_first & (count > 0) & (count <= _MAX_OUTLIERS) & few
     coords, far_k, ok = jax.lax.cond(
         searched, lambda: _outlier_search(features, uncertified.shape, blocks, per_block, count,
                                           _lattice_squares(ratios)), lambda: none)
     listed = searched & jnp.all(ok)
   else:
-    count = jnp.sum(count_true(uncertified))
+    per_row = count_true(uncertified)
+    count, done_first = jnp.sum(per_row), enough(per_row)
     (coords, far_k, ok), listed = none, jnp.bool_(False)
 
   def dense_levels():
-    """The `_key_dtype` levels after the first, until every query voxel is certified."""
+    """The `_key_dtype` levels after the first, until the metric has ``enough``."""
     levels = _window_levels(spatial)[1:] or [max(spatial) - 1]
-    level = lambda w: (lambda k, limit, unc: (k, limit, jnp.sum(count_true(unc)) == 0))(
+    level = lambda w: (lambda k, limit, unc: (k, limit, enough(count_true(unc))))(
         *at_window(w, key_dtype))
     k, limit, done = level(levels[0])
     for window in levels[1:]:
@@ -770,7 +798,7 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish)
       query & searchable & (k.reshape(rows, -1) <= limit), k.reshape(rows, -1).astype(dtype),
       dtype(np.iinfo(dtype).max))
   dense = lambda: (lambda k, limit, done: (as_key(k, limit, key_dtype), done))(*dense_levels())
-  done_first = (count == 0) | listed
+  done_first = done_first | listed
   listed = ((jnp.arange(_MAX_OUTLIERS) < count)[None, :] & listed
             & (coords[:, 0][None, :] == jnp.arange(rows)[:, None]))      # (rows, K)
   listed_k = jnp.where(listed, far_k, _LATTICE_FAR)
@@ -825,7 +853,8 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, both, ratios, metric,
   box searches (`_outlier_search`) and are kept as a list; more run the next levels (8, 16, ...
   voxels, the last spanning every axis) in uint16, exact up to 65534 (255 voxels). The
   statistics read the integer values and the list, each part on its own: the quantile is an
-  integer bisection whose midpoints are the values the first level can certify. Distances are
+  integer bisection whose midpoints are the values the first level can certify, and the levels
+  stop once its order statistics are certified (`_quantile_known`). Distances are
   ``unit * sqrt(k)``: for unit spacing bit-equal to the float path's; otherwise within a
   float32 rounding of it.
   """
@@ -835,8 +864,10 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, both, ratios, metric,
   candidates = _lattice_values(ratios, _LATTICE_WINDOW, _level_limit(
       spatial, _LATTICE_WINDOW, ratios, _first_level_dtype(spatial, ratios)))
 
-  def finish(key, listed_k):
-    """One part's per-row outputs of ``metric`` from its key and listed outliers."""
+  def finish(key, listed_k, number):
+    """One part's per-row outputs of ``metric`` from its key and listed outliers; ``number``
+    (rows,): its query voxels per row, some of which the key may leave out (`_lattice_part`'s
+    ``enough``)."""
     if metric == "average_surface_distance":
       excluded = key.dtype.type(np.iinfo(key.dtype).max)
       _, total, number = _distance_sums(to_distance(key), key != excluded)
@@ -846,7 +877,7 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, both, ratios, metric,
     # The other metrics read integers only.
     stats = _lattice_order_statistics(key, listed_k)
     rows = key.shape[0]
-    number, top, _ = stats(jnp.full((rows,), _LATTICE_FAR - 1, jnp.int32))
+    _, top, _ = stats(jnp.full((rows,), _LATTICE_FAR - 1, jnp.int32))
     if metric == "hausdorff":
       return (to_distance(top),)
     lo, hi, fraction = _order_statistics(stats, number, top, quantile,
@@ -857,9 +888,12 @@ def _lattice_statistics(surfaces, spacing, unit, quantile, both, ratios, metric,
   # Each part in its own passes and reductions (side by side).
   parts = []
   for query, features in _parts(n, both, spatial):
+    number = _pieces(counts, query)
+    enough = ((lambda unc, number=number: _quantile_known(unc, number, quantile))
+              if metric == "hausdorff_quantile" else (lambda unc: jnp.all(unc == 0)))
     parts.append(_lattice_part(_pieces(surfaces, query), _pieces(surfaces, features),
                                _pieces(counts, features)[:, None] > 0, spacing, ratios, spatial,
-                               finish))
+                               functools.partial(finish, number=number), enough))
   exact = functools.reduce(jnp.logical_and, [part_exact for _, part_exact in parts])
   by_row = lambda i: jnp.concatenate([out[i] for out, _ in parts]).reshape(-1, n)  # (R, N)
   if metric == "average_surface_distance":

@@ -134,6 +134,45 @@ def test_surface_dice_windows_hold_the_tolerance():
       np.asarray(surface_dice(pred, target, tolerance=2.0, spacing=(1.0, 1.0, 3.0))))
 
 
+@pytest.mark.parametrize("spacing,large", [(None, False), ((1.0, 1.2345), False), (None, True)])
+def test_quantile_stops_once_its_order_statistics_are_certified(monkeypatch, spacing, large):
+  """HD95 leaves the voxels past its order statistics uncertified (`_quantile_known`): exact at
+  the boundary, where the certified values hold the lower order statistic but not the upper
+  one (a quantile between them), one value more, and with no far voxel; on the integer kernel
+  (as for small arrays, and as for large ones: box searches, one row per part) and the float32
+  kernel (which certifies everything). Reference: ``np.quantile`` of scipy's distances, and
+  MONAI."""
+  from jaxmed.metrics import surface  # pylint: disable=g-import-not-at-top
+  if large:  # on a shape of its own (below): the constants are read when a shape compiles
+    monkeypatch.setattr(surface, "_OUTLIER_MIN_VOXELS", 1)
+    monkeypatch.setattr(surface, "_PARALLEL_MIN_VOXELS", 1)
+  pred, target = np.zeros((1, 40, 40), bool), np.zeros((1, 40, 40), bool)
+  target[0, 5:15, 5:15] = pred[0, 5:15, 5:15] = True
+  if large:  # a voxel in both: the crop (and so the compiled shape) reaches the last corner
+    target[0, -1, -1] = pred[0, -1, -1] = True
+  pred[0, 28:31, 30:33] = True                       # 8 far surface voxels (centre: interior)
+  assert (surface._lattice_ratios(np.float32(spacing or 1.0)) is None) == (spacing is not None)
+  edges = surface._edges(pred, target)
+  sampling = (1.0, 1.0) if spacing is None else spacing
+  distances = ndi.distance_transform_edt(~edges[1], sampling=sampling)[edges[0]]
+  n, far = distances.size, int(np.sum(distances > 5.0))
+  assert far == 8
+  # Fractional ranks: both order statistics among the near values; only the lower one (the
+  # first level's values are not enough); between the two largest.
+  for position in (n - far - 1.5, n - far - 0.5, n - 1.25):
+    q = position / (n - 1)
+    expected = np.quantile(distances, q)
+    ours = hausdorff_distance(pred, target, percentile=100 * q, spacing=spacing, directed=True)
+    np.testing.assert_allclose(np.asarray(ours), [expected], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ours), _monai(compute_hausdorff_distance, pred, target, spacing,
+                                 percentile=100 * q, directed=True), rtol=1e-5)
+  known = lambda position: bool(surface._quantile_known(
+      np.int32(far), np.int32(n), np.float32(position / (n - 1))))
+  assert known(n - far - 1.5) and not known(n - far - 0.5) and not known(n - 1.25)
+  assert known(n - far - 1.0)  # a rank with no upper neighbour to interpolate with
+
+
 # Integer kernel (c_min = 1, uint8 first level), rational lattice (uint16), float32 kernel.
 @pytest.mark.parametrize("spacing", [None, (1.0, 1.3), (1.0, 1.27)])
 def test_empty_mask_convention(spacing):
