@@ -8,11 +8,11 @@ the first one's method and its jitted initialisation and train step, so JAX's ow
 them without tracing.
 
 A method is a function of its config, except for the frozen networks it reads from files
-(`jaxmed.train.init.load_frozen_networks`), which its initialisation holds as constants. So
+(`jaxmed.train.init.load_frozen_networks`), which its initialisation takes as an argument. So
 programs are shared when the config (all of it, as JSON), the batch shapes and dtypes, the mesh
-and a digest of the frozen networks' values are equal, and only for a method built here
-(`shared_method`): a method the caller built, and may have changed (another network, a
-replaced function), always gets programs of its own. Do not modify a shared method.
+and the frozen networks' names, leaf paths, shapes and dtypes are equal, and only for a method
+built here (`shared_method`): a method the caller built, and may have changed (another network,
+a replaced function), always gets programs of its own. Do not modify a shared method.
 
 As with `jax.jit`, a program is traced once: what its functions read from elsewhere while
 tracing (a module function replaced in a test, `jax.default_backend`) is not part of the key;
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,7 +41,8 @@ class Programs:
   """A method's jitted programs for one batch shape and mesh.
 
   Attributes:
-    init: ``rng -> TrainState`` at step 0, in ``state_shardings``.
+    init: ``(rng, frozen) -> TrainState`` at step 0, in ``state_shardings``; ``frozen``: the
+      method's frozen networks (name -> variables; `jaxmed.train.init.load_frozen_networks`).
     step: ``(state, batch) -> (state, metrics)``; donates ``state``.
     state_shardings: the train state's shardings.
   """
@@ -83,30 +83,27 @@ def shared_method(config) -> methods_lib.Method:
     return entry.method
 
 
-def frozen_digest(frozen: Mapping[str, Any]) -> str:
-  """A digest of frozen networks' names, leaf paths, shapes, dtypes and values."""
-  h = hashlib.blake2b(digest_size=16)
-  for name in sorted(frozen):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(frozen[name])[0]:
-      leaf = np.asarray(jax.device_get(leaf))
-      h.update(f"{name}{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
-      h.update(np.ascontiguousarray(leaf).tobytes())
-  return h.hexdigest()
+def frozen_signature(frozen: Mapping[str, Any]) -> tuple:
+  """Frozen networks' names, leaf paths, shapes and dtypes (their values are arguments of the
+  programs, not part of them)."""
+  return tuple((name, jax.tree_util.keystr(path), tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+               for name in sorted(frozen)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(frozen[name])[0])
 
 
 def programs(config, method, example_batch: Mapping[str, Any], mesh,
              frozen: Mapping[str, Any], build: Callable[[], Programs]) -> Programs:
   """``build()``, or the `Programs` it returned for an earlier run of this process with an
   equal ``config``, the same shared ``method`` (`shared_method`), equal batch shapes and
-  dtypes, an equal ``mesh`` and equal ``frozen`` networks (name -> variables loaded from
-  files). A method that is not shared for ``config`` always gets ``build()``."""
+  dtypes, an equal ``mesh`` and ``frozen`` networks (name -> variables loaded from files) of
+  equal shapes. A method that is not shared for ``config`` always gets ``build()``."""
   config_key = _config_key(config)
   with _lock:
     entry = _entries.get(config_key)
   if entry is None or entry.method is not method:
     return build()
   shapes = tuple(sorted((k, tuple(v.shape), np.dtype(v.dtype)) for k, v in example_batch.items()))
-  key = (shapes, mesh, frozen_digest(frozen))
+  key = (shapes, mesh, frozen_signature(frozen))
   found = entry.programs.get(key)
   if found is None:
     found = entry.programs[key] = build()

@@ -14,9 +14,11 @@ steps and on SIGTERM, abort after ``max_nonfinite`` skipped steps in a row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,34 +105,56 @@ def make_train_step(method):
   return step
 
 
-def make_programs(config, method, example_batch, mesh) -> programs_lib.Programs:
-  """The jitted initialisation ``rng -> state`` (step 0, in its shardings) and the jitted,
-  sharded train step of ``method`` for ``example_batch``'s shapes on ``mesh``."""
+def _holding_frozen_networks(method, fn):
+  """``fn(rng, frozen)`` (an initialisation, traced with ``frozen`` as tracers the method holds
+  while it runs), after which the method holds the concrete ``frozen`` networks again."""
+  def call(rng, frozen):
+    try:
+      return fn(rng, frozen)
+    finally:
+      for name, variables in frozen.items():
+        method.set_frozen_network(name, variables)
+  return call
+
+
+def make_programs(config, method, example_batch, mesh,
+                  frozen: Mapping[str, Any] | None = None) -> programs_lib.Programs:
+  """The jitted initialisation ``(rng, frozen) -> state`` (step 0, in its shardings) and the
+  jitted, sharded train step of ``method`` for ``example_batch``'s shapes on ``mesh``.
+
+  ``frozen``: the frozen networks the method holds (`jaxmed.train.init.load_frozen_networks`,
+  name -> variables). The initialisation takes them as an argument, not as constants: runs that
+  differ only in their loss network's weights (CoPer's Table III rows) share one program, and a
+  full-size VGG-16 is not lowered and compiled into it as 59 MB of constants."""
   optimizer = optim.make_grouped_optimizer(config, int(config.total_steps))
 
-  def init_fn(rng):
+  def init_fn(rng, frozen_values):
     init_key, step_key = jax.random.split(rng)
+    for name, variables in frozen_values.items():  # tracers while this traces
+      method.set_frozen_network(name, variables)
     return TrainState.create(variables=method.init(init_key, example_batch),
                              optimizer=optimizer, rng=step_key,
                              method_state=method.init_method_state(example_batch))
 
-  state_sh = sharding.state_shardings(
-      jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh)
+  shapes = _holding_frozen_networks(method, functools.partial(jax.eval_shape, init_fn))(
+      jax.random.PRNGKey(0), dict(frozen or {}))
+  state_sh = sharding.state_shardings(shapes, mesh)
   if jax.process_count() == 1 and all(s.is_fully_replicated for s in jax.tree.leaves(state_sh)):
     # Every device would compute the same state: compute it once, on one device, and copy it
     # (the same values; a tiny Swin-UNETR on 4 CPU devices: about 1 s less to compile, no
     # partitioning, and 1.7 -> 0.6 s to run).
     init_one = jax.jit(init_fn, compiler_options=init_compiler_options())
-    init = lambda rng: jax.device_put(init_one(rng), state_sh)
+    init = lambda rng, frozen_values: jax.device_put(init_one(rng, frozen_values), state_sh)
   else:  # FSDP-sharded leaves: each device computes its shards
     init = jax.jit(init_fn, out_shardings=state_sh, compiler_options=init_compiler_options())
+  init = _holding_frozen_networks(method, init)
   step_fn = jax.jit(make_train_step(method),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sh, None), donate_argnums=(0,))
   return programs_lib.Programs(init=init, step=step_fn, state_shardings=state_sh)
 
 
-def setup(config, method, example_batch, mesh, programs=None):
+def setup(config, method, example_batch, mesh, programs=None, frozen=None):
   """The step-0 train state, placed in its shardings, and the jitted, sharded train step.
 
   Args:
@@ -139,12 +163,16 @@ def setup(config, method, example_batch, mesh, programs=None):
     example_batch: a global batch (arrays or shapes) that fixes the input shapes.
     mesh: the device mesh.
     programs: `make_programs`'s result for these arguments, if already made.
+    frozen: the frozen networks the method holds (`jaxmed.train.init.load_frozen_networks`),
+      passed to the initialisation as arguments; None: none (a method that holds one then
+      initialises it from its own copy, as a constant of the program).
 
   Returns:
     ``(state, step_fn, state_shardings)``; ``step_fn(state, batch)`` donates ``state``.
   """
-  programs = programs or make_programs(config, method, example_batch, mesh)
-  state = programs.init(jax.random.PRNGKey(int(config.seed)))
+  frozen = dict(frozen or {})
+  programs = programs or make_programs(config, method, example_batch, mesh, frozen)
+  state = programs.init(jax.random.PRNGKey(int(config.seed)), frozen)
   return state, programs.step, programs.state_shardings
 
 
@@ -215,8 +243,8 @@ def train(config, workdir: str, *, method: methods_lib.Method | None = None,
              for k, v in first.items()}
   # An earlier run of this process with an equal config shares its compiled programs.
   programs = programs_lib.programs(config, method, example, mesh, frozen,
-                                   lambda: make_programs(config, method, example, mesh))
-  state, step_fn, state_sh = setup(config, method, example, mesh, programs)
+                                   lambda: make_programs(config, method, example, mesh, frozen))
+  state, step_fn, state_sh = setup(config, method, example, mesh, programs, frozen)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(config.checkpoint.get("keep", 3)),
                                        async_save=bool(config.checkpoint.get("async_save", True)))

@@ -256,6 +256,22 @@ def test_run_config_checkpoints_resumes_and_keeps_the_loss_network(tmp_path):
         **{"loss_net.model.width": 1 / 8})))
 
 
+def test_the_initialisation_takes_the_loss_network_as_an_argument():
+  """Runs that differ only in their loss network's weights share one initialisation program
+  (`trainer.make_programs`: the frozen networks are its argument, not constants), and each
+  state holds its own network; the method keeps the loaded one (not a tracer)."""
+  method = get_method(_config(loss_net__source="pretrained", loss_net__path="vgg.safetensors"))
+  shapes = method.frozen_networks()["loss_net"][1]
+  nets = [jax.tree.map(lambda s, v=v: np.full(s.shape, v, s.dtype), shapes) for v in (0.5, 2.0)]
+  method.set_frozen_network("loss_net", nets[0])  # as `load_frozen_networks` leaves it
+  programs = trainer.make_programs(method.config, method, BATCH,
+                                   sharding.make_mesh({"num_devices": 1}), {"loss_net": nets[0]})
+  for net in (nets[1], nets[0]):
+    state = jax.device_get(programs.init(jax.random.PRNGKey(0), {"loss_net": net}))
+    _assert_trees_equal(network_variables(state.variables, "loss_net"), net)
+  _assert_trees_equal(method.loss_net_variables(), nets[0])
+
+
 def test_loss_network_from_a_pytorch_file(tmp_path):
   """A torchvision-layout VGG-16-BN state dict (written here) converted into the loss network."""
   from safetensors import numpy as safetensors  # pylint: disable=g-import-not-at-top

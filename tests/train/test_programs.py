@@ -70,7 +70,7 @@ def test_a_method_the_caller_built_gets_its_own_programs(counting, tmp_path, tin
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
-def test_batch_shapes_mesh_and_frozen_networks_are_part_of_the_key(counting):
+def test_batch_shapes_mesh_and_frozen_network_shapes_are_part_of_the_key(counting):
   config = _config()
   method = programs.shared_method(config)
   assert programs.shared_method(_config()) is method
@@ -87,12 +87,14 @@ def test_batch_shapes_mesh_and_frozen_networks_are_part_of_the_key(counting):
   assert lookup({"image": np.zeros((4, 16, 16, 4), np.float32)}, one, {}) == 3  # shape
   assert lookup(batch, four, {}) == 4
   assert lookup(batch, one, {"loss_net": net}) == 5
-  assert lookup(batch, one, {"loss_net": jax.tree.map(np.copy, net)}) == 5  # same values
-  assert lookup(batch, one, {"loss_net": {"params": {"w": np.full((3, 3), 2.0, np.float32)}}}) == 6
+  # Other values: the same programs (the initialisation takes the network as an argument).
+  assert lookup(batch, one, {"loss_net": {"params": {"w": np.full((3, 3), 2.0, np.float32)}}}) == 5
+  assert lookup(batch, one, {"loss_net": {"params": {"w": np.ones((3, 4), np.float32)}}}) == 6
+  assert lookup(batch, one, {"other": net}) == 7
   # Not the shared method of this config: built every time.
-  assert lookup(batch, one, {}, m=get_method(config)) == 7
-  assert lookup(batch, one, {}, cfg=_config(seed=1)) == 8
+  assert lookup(batch, one, {}, m=get_method(config)) == 8
   assert lookup(batch, one, {}, cfg=_config(seed=1)) == 9
+  assert lookup(batch, one, {}, cfg=_config(seed=1)) == 10
 
 
 def test_the_last_configs_are_kept_and_clear_forgets_them(counting, monkeypatch):
