@@ -728,8 +728,8 @@ def _key_dtype(spatial, ratios):
 
 def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish, enough):
   """One `_parts` part of `_lattice_statistics`: ``finish(key, listed_k)`` of the integer
-  squared distances of its query voxels and its list of outliers, and whether every query
-  voxel is certified.
+  squared distances of its query voxels and its list of outliers, and whether the metric is
+  exact (its ``enough`` held at the last level run).
 
   query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
   is not empty. ``key``: (rows, V) `_key_dtype` (after the first level of a large array at
