@@ -133,6 +133,25 @@ def _window_min(f, axis, window, cost, far):
   return jax.lax.fori_loop(0, blocks, block, out)
 
 
+def _float_cost(s):
+  """`_window_min`'s ``cost`` in float32: ``(t s)^2`` along an axis of spacing ``s``."""
+  return lambda t: (jnp.asarray(t, jnp.float32) * s) ** 2
+
+
+def _lattice_cost(r, dtype):
+  """`_window_min`'s ``cost`` on the integer lattice: ``t^2 r`` (int32) along an axis of
+  coefficient ``r``, saturated at ``dtype``'s largest value and at _LATTICE_FAR (past which
+  nothing is certified), in ``dtype``."""
+  cap = min(np.iinfo(dtype).max, _LATTICE_FAR)
+  return lambda t: jnp.minimum(jnp.asarray(t, jnp.int32) ** 2 * r, cap).astype(dtype)
+
+
+def _smallest_unsigned(value: int):
+  """The smallest of uint8, uint16 and uint32 whose largest value exceeds ``value`` (that
+  largest value then stands for "farther")."""
+  return next(t for t in (np.uint8, np.uint16, np.uint32) if value < np.iinfo(t).max)
+
+
 def _window_levels(spatial_shape):
   """Window radii to try, ending with one that spans every axis (brute force, exact)."""
   full = max(spatial_shape) - 1
@@ -327,8 +346,7 @@ def _squared_edt(features, query, spacing, has_feature=None):
 
   def at_window(window):
     passes = [functools.partial(_window_min, axis=axis, window=min(window, n - 1), far=_FAR,
-                                cost=lambda t, s=spacing[axis - 1]: (
-                                    jnp.asarray(t, jnp.float32) * s) ** 2)
+                                cost=_float_cost(spacing[axis - 1]))
               for axis, n in enumerate(spatial, start=1)]
     g = start
     for window_pass in passes[:-1]:
@@ -708,10 +726,7 @@ def _first_level_dtype(spatial, ratios):
   reach = _lattice_reach(spatial, _LATTICE_WINDOW, ratios)
   if reach is None:  # the window spans every axis: uint16, past it the float32 kernel
     return np.uint16
-  for dtype in (np.uint8, np.uint16):
-    if reach < np.iinfo(dtype).max:
-      return dtype
-  return np.uint32
+  return _smallest_unsigned(reach)
 
 
 def _key_dtype(spatial, ratios):
@@ -733,14 +748,14 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish,
 
   query, features: (rows, V) bool surfaces; searchable: (rows, 1) bool, whether ``features``
   is not empty. ``key``: (rows, V) `_key_dtype` (after the first level of a large array at
-  ``1 < c_min < 2622``, uint16), the squared distance in lattice units where a query voxel's is certified, the type's
-  largest value elsewhere; ``listed_k``:
-  (rows, K) int32, the outliers resolved by box searches (K = _MAX_OUTLIERS), _LATTICE_FAR
-  where an entry is not the row's. ``enough(uncertified)``: whether the metric is exact with
-  ``uncertified`` (rows,) int32 query voxels per row left out of the key (known to lie past
-  every certified one): for the maximum and the mean only when there are none; for a quantile
-  below them (`_quantile_known`), so that HD95 stops at the first level whose certified values
-  hold its two order statistics, without searching or certifying the far voxels above them.
+  ``1 < c_min < 2622``, uint16), the squared distance in lattice units where a query voxel's is
+  certified, the type's largest value elsewhere; ``listed_k``: (rows, K) int32, the outliers
+  resolved by box searches (K = _MAX_OUTLIERS), _LATTICE_FAR where an entry is not the row's.
+  ``enough(uncertified)``: whether the metric is exact with ``uncertified`` (rows,) int32 query
+  voxels per row left out of the key (known to lie past every certified one): for the maximum
+  and the mean only when there are none; for a quantile below them (`_quantile_known`), so
+  that HD95 stops at the first level whose certified values hold its two order statistics,
+  without searching or certifying the far voxels above them.
   """
   rows = query.shape[0]
   features = features.reshape((rows,) + spatial)
@@ -749,10 +764,8 @@ def _lattice_part(query, features, searchable, spacing, ratios, spatial, finish,
     """(squared distances, the limit up to which they are exact, uncertified (rows, V))."""
     far = np.iinfo(dtype).max
     k = jnp.where(features, dtype(0), dtype(far))
-    cap = min(far, _LATTICE_FAR)  # int32 costs; past _LATTICE_FAR nothing is certified anyway
-    passes = [functools.partial(
-        _window_min, axis=axis, window=min(window, size - 1), far=far,
-        cost=lambda t, r=r: jnp.minimum(jnp.asarray(t, jnp.int32) ** 2 * r, cap).astype(dtype))
+    passes = [functools.partial(_window_min, axis=axis, window=min(window, size - 1), far=far,
+                                cost=_lattice_cost(r, dtype))
               for axis, (size, r) in enumerate(zip(spatial, ratios), start=1)]
     for window_pass in passes[:-1]:
       k = window_pass(k)
@@ -917,7 +930,9 @@ def _within(tolerance, unit) -> int:
   return lo
 
 
-_CLOSE_LATTICE_MAX = 2**24  # `_close_counts` on the lattice up to this `_within` (int32 costs)
+# `_close_counts` on the lattice up to this `_within`: its windows' int32 costs t^2 c_a, t up to
+# 7 past the window (`_window_min` rounds large windows up to blocks), stay below 2^31.
+_CLOSE_LATTICE_MAX = 2**24
 
 
 def _close_windows(spacing, tolerance, ratios, within, spatial) -> tuple[int, ...]:
@@ -951,13 +966,10 @@ def _close_counts(surfaces, spacing, within, spatial, windows, ratios, dtype, co
   n = surfaces[0].shape[0]
   counts = _surface_counts(surfaces, counts)
   if ratios is None:
-    far = _FAR
-    cost = lambda a, t: (jnp.asarray(t, jnp.float32) * spacing[a]) ** 2
+    far, costs = _FAR, [_float_cost(spacing[a]) for a in range(len(spatial))]
     close = lambda g: jnp.sqrt(g) <= within
   else:
-    far = np.iinfo(dtype).max
-    cap = min(far, np.iinfo(np.int32).max)  # t^2 c_a < 2^31 for within < _CLOSE_LATTICE_MAX
-    cost = lambda a, t: jnp.minimum(jnp.asarray(t, jnp.int32) ** 2 * ratios[a], cap).astype(dtype)
+    far, costs = np.iinfo(dtype).max, [_lattice_cost(r, dtype) for r in ratios]
     close = lambda k: k <= within
   out = []
   for query_at, features_at in _parts(n, True, spatial):   # side by side (see `_parts`)
@@ -965,9 +977,9 @@ def _close_counts(surfaces, spacing, within, spatial, windows, ratios, dtype, co
     rows = query.shape[0]
     g = jnp.where(features.reshape((rows,) + spatial), jnp.asarray(0, dtype),
                   jnp.asarray(far, dtype))
-    for axis, window in enumerate(windows, start=1):
+    for axis, (window, cost) in enumerate(zip(windows, costs), start=1):
       if window:
-        g = _window_min(g, axis, window, lambda t, a=axis - 1: cost(a, t), far)
+        g = _window_min(g, axis, window, cost, far)
     searchable = _pieces(counts, features_at)[:, None] > 0   # no feature: nothing is close
     out.append(count_true(query & searchable & close(g.reshape(rows, -1))))
   return {"counts": counts, "close": jnp.concatenate(out).reshape(-1, n)}
@@ -983,8 +995,7 @@ def _close_statistics(edges, spacing, tolerance):
   if within is None or within >= _CLOSE_LATTICE_MAX:
     ratios, within, dtype = None, np.float32(tolerance), np.float32
   else:
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if within < np.iinfo(t).max)
-    within = np.int32(within)
+    dtype, within = _smallest_unsigned(within), np.int32(within)
   windows = _close_windows(spacing, tolerance, ratios, within, spatial)
   return _close_counts((pred, target), spacing, within, spatial=spatial, windows=windows,
                        ratios=ratios, dtype=dtype, counts=counts)
