@@ -484,8 +484,7 @@ def scratch_init(config) -> dict:
   method = SegmentationMethod(config)
   init_key, _ = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   image = np.zeros((1, *config.data.crop_size, len(config.data.modalities)), np.float32)
-  return jax.device_get(jax.jit(method.init, compiler_options=trainer.init_compiler_options())(
-      init_key, {"image": image}))
+  return jax.device_get(trainer.jit_init(method.init)(init_key, {"image": image}))
 
 
 def plot_cka(cka: dict, path: str):

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmed import threefry
 from jaxmed.losses import network_features
 from jaxmed.losses.perceptual import PREPROCESS
 from jaxmed.models.registry import build_model
@@ -94,7 +95,8 @@ class FrozenLossNetwork:
     self.loss_module = None
     if self.loss_source != "none":
       self.loss_module = build_model(**self.config.loss_net.model)
-      self._jitted_loss_net_init = jax.jit(self._loss_net_init)  # eager init is slow
+      # Eager init is slow; its draws hashed together compile faster (the same values).
+      self._jitted_loss_net_init = jax.jit(threefry.merge_threefry_calls(self._loss_net_init))
 
   def _loss_net_init(self, key):
     # The whole feature extractor (every conv), whatever the taps: parameter shapes do not

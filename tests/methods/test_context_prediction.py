@@ -43,7 +43,7 @@ def _images(n=4, channels=2, seed=0):
 def setup():
   method = ContextPredictionMethod(_config())
   batch = {"image": jnp.asarray(_images())}
-  variables = jax.jit(method.init)(jax.random.key(0), batch)
+  variables = trainer.jit_init(method.init)(jax.random.key(0), batch)
 
   @jax.jit
   def value_and_grad(params, image, key):
@@ -135,7 +135,7 @@ def test_encoder_params_feed_ssfd_encoder_and_the_metric(setup):
     encoder_params({"encoder": params})
   # A one-modality model (the SSFD setting).
   method = ContextPredictionMethod(_config(**{"data.modalities": ("t2",)}))
-  v1 = jax.jit(method.init)(jax.random.key(5), {"image": batch["image"][..., :1]})
+  v1 = trainer.jit_init(method.init)(jax.random.key(5), {"image": batch["image"][..., :1]})
   a = batch["image"][..., 0]
   b = a + 5.0 * jnp.sin(jnp.arange(32.0))
   z = standardize(jnp.concatenate([a, b])[..., None])

@@ -32,15 +32,11 @@ def _batch(b=4, n=5, seed=0, masks=False):
   return batch
 
 
-_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 @pytest.fixture(scope="module")
 def variables():
   """Tiny UNet variables (T x M~ = 4 inputs, T = 2 outputs), the same for every strategy."""
   method = _method()
-  return jax.jit(method.init, compiler_options=_INIT_OPTIONS)(jax.random.PRNGKey(0),
-                                                              _batch(masks=True))
+  return trainer.jit_init(method.init)(jax.random.PRNGKey(0), _batch(masks=True))
 
 
 @functools.cache

@@ -109,7 +109,7 @@ def test_trainer_steps_with_a_fixed_predictor_lr(tmp_path):
   assert all(abs(r["lr/predictor"] - lr0) < 1e-7 for r in records)
   assert records[0]["lr"] == pytest.approx(lr0) and records[-1]["lr"] < lr0
   init_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]
-  init = jax.jit(SimSiamMethod(config).init, compiler_options=trainer.init_compiler_options())(
+  init = trainer.jit_init(SimSiamMethod(config).init)(
       init_key, {"image": np.zeros((8, 32, 32, 1), np.float32)})
   jax.tree.map(lambda a, b: np.testing.assert_(not np.allclose(a, b)),
                {"p": result.state.params["predictor"]["linear1"]["kernel"],

@@ -138,7 +138,7 @@ def test_trainer_keeps_prototypes_unit_norm_and_frozen_then_fills_the_queue(tmp_
   # Unit-norm prototypes after every step; unchanged during the first 3 (frozen) steps, while
   # the backbone moves; changed after.
   init_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]
-  init = jax.jit(SwAVMethod(config).init, compiler_options=trainer.init_compiler_options())(
+  init = trainer.jit_init(SwAVMethod(config).init)(
       init_key, {"image": np.zeros((8, 32, 32, 1), np.float32)})
   protos0 = np.asarray(init["params"]["prototypes"]["kernel"])
   for _, protos, _, _ in seen:
