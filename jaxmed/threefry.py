@@ -57,6 +57,10 @@ def _vmapped(ndim: int, fn: Callable) -> Callable:
   return fn
 
 
+# The random primitives on threefry keys as their lowering computes them (JAX's prng module:
+# the implementation's function, vmapped over the key array's dimensions), on the key data.
+
+
 def _random_bits(keys, *, bit_width, shape):
   bits = lambda k: _THREEFRY.random_bits(k, bit_width, shape)
   return _vmapped(keys.ndim, bits)(jax.random.key_data(keys))
@@ -88,8 +92,8 @@ class _Value:
 
 
 class _Node:
-  """One equation of the flattened program: its operands and results (`_Value` or `_Node`
-  output slots, ``(node, index)``)."""
+  """One equation of the flattened program and its operands: `_Value` or another node's output,
+  ``(node, index)``."""
   __slots__ = ("eqn", "operands")
 
   def __init__(self, eqn, operands):
