@@ -15,7 +15,7 @@ from jaxmed.train import init as init_lib
 
 def _variables(method, channels):
   batch = {"image": np.zeros((2, 16, 16, channels), np.float32)}
-  return jax.device_get(method.init(jax.random.PRNGKey(0), batch))
+  return jax.device_get(trainer.jit_init(method.init)(jax.random.PRNGKey(0), batch))
 
 
 def test_transfer_replaces_input_and_output_layers_only(tiny_config):

@@ -75,7 +75,7 @@ def test_mixup_blends_images_and_targets_alike():
 def test_segmentation_loss_with_mixup_is_finite(tiny_arrays):
   method = SegmentationMethod(make_tiny_config("segmentation", finetune__mixup_alpha=0.2))
   batch = {k: v[:4] for k, v in tiny_arrays.items()}
-  variables = method.init(jax.random.PRNGKey(0), batch)
+  variables = trainer.jit_init(method.init)(jax.random.PRNGKey(0), batch)
   loss, metrics, _ = jax.jit(lambda v, b, k: method.loss(v, b, k, train=True))(
       variables, batch, jax.random.PRNGKey(1))
   assert np.isfinite(float(loss)) and set(metrics) == {"dice_WT", "dice_TC", "dice_ET"}
