@@ -179,6 +179,8 @@ def _groups(wave: list[_Node]) -> list[list[_Node]]:
 def _merged_threefry(eqn, calls: list[list[Any]]) -> list[list[Any]]:
   """``calls`` (each threefry2x32's four operands) hashed as one call; each call's two
   outputs."""
+  if len(calls) == 1:
+    return [_bind(eqn, calls[0])]
   shapes = [jnp.broadcast_shapes(*(jnp.shape(x) for x in operands)) for operands in calls]
   flat = [[jnp.broadcast_to(x, shape).reshape(-1) for x in operands]
           for operands, shape in zip(calls, shapes)]
@@ -209,9 +211,7 @@ def _evaluate_in_waves(nodes: list[_Node], results: Sequence[Any]) -> list[Any]:
         done[node] = _bind(node.eqn, [value(r) for r in node.operands])
     for group in _groups(wave):
       calls = [[value(r) for r in node.operands] for node in group]
-      outs = _merged_threefry(group[0].eqn, calls) if len(group) > 1 else [
-          _bind(group[0].eqn, calls[0])]
-      done.update(zip(group, outs))
+      done.update(zip(group, _merged_threefry(group[0].eqn, calls)))
     pending = later
   return [value(r) for r in results]
 
